@@ -1,0 +1,160 @@
+"""The manifest the trainer reads: JSONL, one utterance per line.
+
+Keys: `id`, `audio` (path relative to the manifest's folder, or absolute), `text`, and optionally
+`duration` (seconds of the segment), `language`, `offset`/`end` (a segment of a longer file, seconds),
+`words` (`[{"word", "start", "end"}]`, seconds relative to the segment start) and `timing_source`
+(what produced the words: "manifest", "self_align", "ctc_align", "heuristic", "espeak").
+NeMo manifests (`audio_filepath`, `duration`, `offset`, no `id`) are read too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+TIMING_SOURCES = ("manifest", "self_align", "ctc_align", "heuristic", "espeak")
+_ASSETS = Path(__file__).resolve().parent / "assets" / "speech"
+
+
+@dataclass(frozen=True)
+class Word:
+    word: str
+    start: float  # seconds from the segment start
+    end: float
+
+
+@dataclass
+class Utterance:
+    id: str
+    audio: str  # absolute path once read
+    text: str
+    duration: float | None = None
+    language: str | None = None
+    offset: float | None = None
+    end: float | None = None
+    words: list[Word] | None = None
+    timing_source: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, kept for the round trip
+
+    def to_json(self, base: Path | None = None) -> dict[str, Any]:
+        """The JSON object of this row; `audio` is written relative to `base` when it lies under it."""
+        audio = self.audio
+        if base is not None:
+            try:
+                audio = Path(audio).resolve().relative_to(base.resolve()).as_posix()
+            except ValueError:
+                pass
+        row: dict[str, Any] = {"id": self.id, "audio": audio, "text": self.text}
+        for key in ("duration", "language", "offset", "end"):
+            value = getattr(self, key)
+            if value is not None:
+                row[key] = round(value, 4) if isinstance(value, float) else value
+        if self.words is not None:
+            row["words"] = [{"word": w.word, "start": round(w.start, 4), "end": round(w.end, 4)} for w in self.words]
+        if self.timing_source is not None:
+            row["timing_source"] = self.timing_source
+        row.update(self.extra)
+        return row
+
+
+class ManifestError(ValueError):
+    pass
+
+
+def _number(row: dict, key: str, where: str) -> float | None:
+    value = row.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ManifestError(f"{where}: key '{key}' must be a number, got {value!r}")
+    return float(value)
+
+
+def _words(value: Any, where: str) -> list[Word]:
+    if not isinstance(value, list):
+        raise ManifestError(f"{where}: key 'words' must be a list")
+    words = []
+    for i, w in enumerate(value):
+        if not isinstance(w, dict) or not isinstance(w.get("word"), str):
+            raise ManifestError(f"{where}: key 'words[{i}]' needs a string 'word'")
+        start, end = _number(w, "start", f"{where} words[{i}]"), _number(w, "end", f"{where} words[{i}]")
+        if start is None or end is None or end < start:
+            raise ManifestError(f"{where}: key 'words[{i}]' needs numbers start <= end, got {w}")
+        words.append(Word(w["word"], start, end))
+    return words
+
+
+def utterance_from_json(row: dict[str, Any], base: Path, where: str) -> Utterance:
+    """One manifest object -> Utterance, resolving `audio` against `base`. `where` names the row in errors."""
+    if not isinstance(row, dict):
+        raise ManifestError(f"{where}: expected a JSON object")
+    row = dict(row)
+    audio = row.pop("audio", None) or row.pop("audio_filepath", None)
+    if not isinstance(audio, str) or not audio:
+        raise ManifestError(f"{where}: key 'audio' (or 'audio_filepath') is missing")
+    text = row.pop("text", None)
+    if not isinstance(text, str):
+        raise ManifestError(f"{where}: key 'text' is missing or not a string")
+    offset, end, duration = (_number(row, k, where) for k in ("offset", "end", "duration"))
+    for key in ("offset", "end", "duration"):
+        row.pop(key, None)
+    if offset is not None and end is None and duration is not None:
+        end = offset + duration  # NeMo: duration counts from the offset
+    uid = row.pop("id", None)
+    if uid is None:  # NeMo rows have no id: the file name (and offset) identify the clip
+        uid = Path(audio).stem + (f"@{offset:.2f}" if offset else "")
+    words = row.pop("words", None)
+    timing_source = row.pop("timing_source", None)
+    if timing_source is not None and timing_source not in TIMING_SOURCES:
+        raise ManifestError(f"{where}: key 'timing_source' must be one of {TIMING_SOURCES}, got {timing_source!r}")
+    return Utterance(
+        id=str(uid),
+        audio=str(audio if os.path.isabs(audio) else (base / audio).resolve()),
+        text=text,
+        duration=duration,
+        language=row.pop("language", None),
+        offset=offset,
+        end=end,
+        words=None if words is None else _words(words, where),
+        timing_source=timing_source,
+        extra=row,
+    )
+
+
+def read_manifest(path: str | os.PathLike) -> list[Utterance]:
+    """All rows of a JSONL manifest; raises ManifestError naming the line and key of the first bad row."""
+    path = Path(path)
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ManifestError(f"{where}: invalid JSON ({err})") from None
+            rows.append(utterance_from_json(obj, path.parent, where))
+    return rows
+
+
+def write_manifest(path: str | os.PathLike, rows: Iterable[Utterance]) -> None:
+    """Write rows as JSONL; audio under the manifest's folder is written as a relative path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row.to_json(path.parent), ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def bundled_manifest_path(split: str = "train") -> Path:
+    """The bundled espeak-ng speech set: `train` (manifest.jsonl) or `eval` (manifest_eval.jsonl)."""
+    names = {"train": "manifest.jsonl", "eval": "manifest_eval.jsonl"}
+    if split not in names:
+        raise ValueError(f"split must be one of {sorted(names)}, got {split!r}")
+    return _ASSETS / names[split]
