@@ -27,15 +27,15 @@ class ModelLoadError(ValueError):
     pass
 
 
-def _config(*, enc_dim: int, enc_layers: int, enc_heads: int, enc_ffn: int, dec_dim: int, dec_layers: int,
-            dec_heads: int, dec_kv_heads: int, dec_head_dim: int, dec_ffn: int, vocab_size: int) -> VoxtralRealtimeConfig:
+def _config(*, enc_dim: int, enc_layers: int, enc_heads: int, enc_head_dim: int, enc_ffn: int, dec_dim: int,
+            dec_layers: int, dec_heads: int, dec_kv_heads: int, dec_head_dim: int, dec_ffn: int, vocab_size: int) -> VoxtralRealtimeConfig:
     """The architecture with its fixed facts (SPEC.md) filled in; only the sizes vary."""
     return VoxtralRealtimeConfig(
         audio_config={
             "hidden_size": enc_dim,
             "num_hidden_layers": enc_layers,
             "num_attention_heads": enc_heads,
-            "head_dim": enc_dim // enc_heads,
+            "head_dim": enc_head_dim,  # 32 x 64 = 2048 != 1280 in the real encoder
             "intermediate_size": enc_ffn,
             "num_mel_bins": protocol.NUM_MEL_BINS,
             "rms_norm_eps": 1e-5,
@@ -66,14 +66,14 @@ def _config(*, enc_dim: int, enc_layers: int, enc_heads: int, enc_ffn: int, dec_
 
 def voxtral_mini_4b_config() -> VoxtralRealtimeConfig:
     """The released Voxtral Mini 4B Realtime 2602 (4.43 B parameters)."""
-    return _config(enc_dim=1280, enc_layers=32, enc_heads=32, enc_ffn=5120, dec_dim=3072, dec_layers=26,
-                   dec_heads=32, dec_kv_heads=8, dec_head_dim=128, dec_ffn=9216, vocab_size=131072)
+    return _config(enc_dim=1280, enc_layers=32, enc_heads=32, enc_head_dim=64, enc_ffn=5120, dec_dim=3072,
+                   dec_layers=26, dec_heads=32, dec_kv_heads=8, dec_head_dim=128, dec_ffn=9216, vocab_size=131072)
 
 
 def tiny_config(vocab_size: int = 2000) -> VoxtralRealtimeConfig:
     """Demo size "S" of DEMO_NOTES.md (0.74 M parameters + embeddings): learns the bundled set in about a minute."""
-    return _config(enc_dim=64, enc_layers=2, enc_heads=4, enc_ffn=256, dec_dim=128, dec_layers=2,
-                   dec_heads=4, dec_kv_heads=2, dec_head_dim=32, dec_ffn=384, vocab_size=vocab_size)
+    return _config(enc_dim=64, enc_layers=2, enc_heads=4, enc_head_dim=16, enc_ffn=256, dec_dim=128,
+                   dec_layers=2, dec_heads=4, dec_kv_heads=2, dec_head_dim=32, dec_ffn=384, vocab_size=vocab_size)
 
 
 def load_model(
