@@ -237,3 +237,13 @@ def test_check_catches_adapter_config_faults(decoder_lora, tmp_path):
     problems = "\n".join(checks.check_folder(out).problems)
     assert "r=4" in problems and "bias='all'" in problems and "modules_to_save" in problems
     assert "has rank 8, adapter_config.json says r=4" in problems
+
+
+def test_check_catches_a_tokenizer_that_does_not_fit(base_mistral, tmp_path):
+    bad = _copy(base_mistral, tmp_path / "bad")
+    tekken = json.loads((bad / "tekken.json").read_text())
+    tekken["config"]["default_vocab_size"] = json.loads((bad / "params.json").read_text())["vocab_size"] + 1
+    del tekken["audio"]
+    (bad / "tekken.json").write_text(json.dumps(tekken))
+    problems = "\n".join(checks.check_folder(bad).problems)
+    assert "tokens, params.json vocab_size is" in problems and "no 'audio' section" in problems

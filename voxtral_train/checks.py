@@ -132,10 +132,13 @@ def _key_paths(d: dict, prefix: str = "") -> set[str]:
     return keys
 
 
-def _check_tekken(path: Path, report: CheckReport) -> None:
+def _check_tekken(path: Path, vocab_size: int | None, report: CheckReport) -> None:
     tekken = _load_json(path / mf.TEKKEN_FILE, report)
     if tekken is None:
         return
+    n_tokens = tekken.get("config", {}).get("default_vocab_size")
+    if isinstance(n_tokens, int) and isinstance(vocab_size, int) and n_tokens > vocab_size:
+        report.problems.append(f"{mf.TEKKEN_FILE} has {n_tokens} tokens, params.json vocab_size is {vocab_size}")
     audio = tekken.get("audio")
     if not audio:
         report.problems.append(f"{mf.TEKKEN_FILE} has no 'audio' section: vLLM cannot build the streaming encoder")
@@ -154,8 +157,8 @@ def _check_stale(path: Path, legit: set[str], report: CheckReport) -> None:
 
 
 def _check_mistral(path: Path, report: CheckReport, reference: str | Path | None) -> None:
-    _check_tekken(path, report)
     params = _load_json(path / mf.PARAMS_FILE, report)
+    _check_tekken(path, params.get("vocab_size") if params else None, report)
     if params is None:
         return
     try:
@@ -205,6 +208,9 @@ def _check_rope_order(path: Path, files: list[Path], reference: Path, config, re
     ref_files = mf.weight_files(reference)
     for name, heads in _rope_probe_names(config).items():
         w, ref = _read_tensor(files, name), _read_tensor(ref_files, name)
+        if w.shape != ref.shape:
+            report.problems.append(f"{name}: shape {list(w.shape)} differs from the reference's {list(ref.shape)}")
+            continue
         as_is = (w - ref).norm().item()
         unpermuted = (mf.unpermute_for_rope(w, heads) - ref).norm().item()
         if unpermuted < as_is:
