@@ -50,7 +50,7 @@ def _fail_on_problems(path: Path, reference: Path | None = None) -> checks.Check
 
 
 def _refuse_weights_in(out: Path) -> None:
-    stale = mf.stale_weight_files(out) + sorted(out.glob(checks.ADAPTER_WEIGHTS)) if out.exists() else []
+    stale = (mf.stale_weight_files(out) + sorted(out.glob(checks.ADAPTER_WEIGHTS))) if out.exists() else []
     if stale:
         raise ExportError(f"{out} already holds weights {[f.name for f in stale]}; write into an empty folder")
 
@@ -155,7 +155,7 @@ def cmd_mistral(args: argparse.Namespace) -> None:
 
 def vllm_adapter_key(peft_key: str) -> str:
     """PEFT key of the transformers model -> the key vLLM maps onto its decoder; refuses everything else."""
-    key = peft_key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+    key = peft_key
     if key.startswith(_PEFT_DECODER_PREFIX):
         key = _VLLM_DECODER_PREFIX + key[len(_PEFT_DECODER_PREFIX) :]
     if not checks.VLLM_LORA_KEY.fullmatch(key):
