@@ -119,6 +119,16 @@ def test_segment_long_timed_recording_and_copy_audio(tmp_path):
     assert second.words[0] == Word("three", pytest.approx(0.2), pytest.approx(1.3))
 
 
+def test_segments_without_copy_are_offset_rows_of_the_original(tmp_path):
+    audio = write(tmp_path / "long.wav", tone(5.0))
+    words = [Word("One", 0.2, 1.0), Word("two", 1.2, 2.0), Word("three", 2.4, 3.5), Word("four.", 3.7, 4.8)]
+    kept = prepare([row(audio, "One two three four.", words=words)], PrepOptions(max_seconds=3.0, segment=True), workers=1).kept
+    assert [(u.audio, u.offset, u.end) for u in kept] == [
+        (str(audio), 0.0, pytest.approx(2.2)), (str(audio), pytest.approx(2.2), 5.0)]
+    unsegmented = prepare([row(audio, "One two three four.", words=words)], PrepOptions(max_seconds=3.0), workers=1)
+    assert [r.reason for r in unsegmented.rejects] == ["too_long"]
+
+
 def test_heuristic_timings_fill_missing_words(tmp_path):
     x = np.concatenate([np.zeros(SR // 2), tone(1.0), np.zeros(SR // 2)])
     audio = write(tmp_path / "a.wav", x)
