@@ -6,6 +6,7 @@
     voxtral-prep commonvoice cv-corpus/en/train.tsv --out data/cv --max-seconds 20
     voxtral-prep hf saved_dataset/ --split train --out data/hf
     voxtral-prep validate data/mine/manifest.jsonl --out data/mine_checked
+    voxtral-prep folder my_clips/ --out data/mine --self-align-model /models/voxtral-realtime
 
 Writes OUT/manifest.jsonl (kept rows) and OUT/rejects.jsonl (each rejected row with its source, a reason
 code and a message), and prints `kept N, rejected M (reason: count, ...)`.
@@ -48,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="write kept clips as 16 kHz mono FLAC under OUT/audio (default: reference the originals)")
     p.add_argument("--timings", choices=TIMING_MODES, default="manifest",
                    help="manifest: keep source word timings; heuristic: estimate them where missing; none: drop them")
+    p.add_argument("--self-align-model", help="'tiny' or a Voxtral folder: give rows still without word timings the "
+                   "timings this checkpoint would emit (self-alignment, any language)")
+    p.add_argument("--align-delay-ms", type=int, default=480, help="delay the self-alignment runs the model at")
     p.add_argument("--tokenizer", help="'tiny' or a tekken.json path: reject text it cannot encode")
     p.add_argument("--language", help="language code for rows that have none")
     p.add_argument("--workers", type=int, default=None, help="audio-check processes (default: all cores)")
@@ -86,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.language:
         for u in result.kept:
             u.language = u.language or args.language
+    if args.self_align_model:
+        from voxtral_train import load_model, protocol
+        from voxtral_train.align import self_align_utterances
+
+        model, tokenizer = load_model(args.self_align_model)
+        n = self_align_utterances(result.kept, model, tokenizer, protocol.delay_ms_to_tokens(args.align_delay_ms))
+        print(f"self-aligned {n} rows with {args.self_align_model}")
     write_manifest(args.out / "manifest.jsonl", result.kept)
     with (args.out / "rejects.jsonl").open("w", encoding="utf-8") as f:
         for r in result.rejects:

@@ -59,3 +59,21 @@ def test_self_align_on_tiny_model_gives_ordered_times_inside_the_stream(tiny):
     # every word fits the stream that the target builder makes from these times
     targets = build_targets(words, tokenizer, len(samples), DELAY)
     assert tokenizer.decode(targets.input_ids) == "one two three"
+
+
+def test_prep_cli_self_aligns_untimed_rows(tmp_path):
+    import json
+
+    import soundfile as sf
+
+    from data_prep.cli import main
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    rng = np.random.default_rng(1)
+    sf.write(clips / "a.wav", rng.normal(0, 0.1, 16000).astype(np.float32), 16000)
+    (clips / "a.txt").write_text("good morning")
+    assert main(["folder", str(clips), "--out", str(tmp_path / "out"), "--self-align-model", "tiny"]) == 0
+    row = json.loads((tmp_path / "out" / "manifest.jsonl").read_text().splitlines()[0])
+    assert row["timing_source"] == "self_align"
+    assert [w["word"] for w in row["words"]] == ["good", "morning"]

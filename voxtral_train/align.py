@@ -110,3 +110,20 @@ def self_align(model: torch.nn.Module, tokenizer: StreamingTokenizer, samples: n
         stream = build_targets(timed, tokenizer, len(samples), delay_tokens).input_ids
         stream += [tokenizer.ids.streaming_pad] * (n_positions - len(stream))  # our padding is the longer one
     return timed
+
+
+def self_align_utterances(utterances: list, model: torch.nn.Module, tokenizer: StreamingTokenizer,
+                          delay_tokens: int = 6) -> int:
+    """Fill `words` of every utterance that has none, in place; returns how many were aligned."""
+    from voxtral_train.audio import load_audio
+
+    aligned = 0
+    model.eval()
+    for utterance in utterances:
+        if utterance.words:
+            continue
+        samples = load_audio(utterance.audio, utterance.offset, utterance.end)
+        utterance.words = self_align(model, tokenizer, samples, utterance.text, delay_tokens)
+        utterance.timing_source = TIMING_SOURCE
+        aligned += 1
+    return aligned
