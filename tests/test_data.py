@@ -145,6 +145,17 @@ def test_item_is_targets_plus_features(clips):
     assert dataset.lengths_in_positions() == [dataset[0]["n_positions"].item(), dataset[1]["n_positions"].item()]
 
 
+def test_lengths_per_epoch_follow_the_drawn_delays(clips):
+    dataset = StreamingDataset(clips, TOK, DelaySampler.uniform(0, 2400), seed=4)
+    at_max = dataset.lengths_in_positions()
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        drawn = dataset.lengths_in_positions(epoch)
+        assert drawn == [dataset[i]["n_positions"].item() for i in range(len(dataset))]
+        assert all(d <= m for d, m in zip(drawn, at_max))
+    assert dataset.lengths_in_positions(0) != dataset.lengths_in_positions(1)
+
+
 def test_item_reads_its_segment_and_draws_its_delay(clips):
     segment = Utterance(id="seg", audio=clips[0].audio, text="cat", offset=0.4, end=1.0,
                         words=[Word("cat", 0.05, 0.5)])
@@ -215,6 +226,19 @@ def test_sampler_budget_coverage_and_determinism(bucketing):
     sampler.set_epoch(1)
     assert _all(sampler) != epoch0
     assert _all(LengthBucketSampler(LENGTHS, 2000, seed=8, bucketing=bucketing)) != epoch0
+
+
+def test_lengths_may_change_per_epoch():
+    per_epoch = {e: np.random.default_rng(e).integers(50, 400, size=300).tolist() for e in range(3)}
+    sampler = LengthBucketSampler(per_epoch.__getitem__, 2000, seed=1)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        lengths = per_epoch[epoch]
+        batches = _all(sampler)
+        assert all(len(b) * max(lengths[i] for i in b) <= 2000 for b in batches)
+        assert padding_fraction(batches, lengths) < 0.05
+    with pytest.raises(ValueError, match="epoch 0"):
+        LengthBucketSampler(lambda epoch: [10, 3000], 2000)
 
 
 def test_bucketing_wastes_less_than_random_batches():

@@ -8,8 +8,9 @@ its word timings and a delay drawn for (seed, epoch, index); `collate` pads to t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -205,16 +206,22 @@ class StreamingDataset(Dataset):
     def __len__(self) -> int:
         return len(self.utterances)
 
-    def lengths_in_positions(self) -> list[int]:
-        """Positions of each item at the largest delay, from durations only (no audio decoding), for batching.
+    @functools.cached_property
+    def _n_samples(self) -> list[int]:
+        return [math.ceil(utterance_seconds(u) * protocol.SAMPLE_RATE) for u in self.utterances]
+
+    def lengths_in_positions(self, epoch: int | None = None) -> list[int]:
+        """Positions of each item from durations only (no audio decoding), for batching: at the delay each item
+        draws in `epoch` (what its batch will hold), or at the largest delay when `epoch` is None (an upper bound).
 
         An item whose last words are too late for the standard right pad grows a few positions beyond this
         (targets.build_targets); that is rare and only overshoots a batch budget slightly.
         """
-        max_delay = self.delay_sampler.max_tokens
         return [
-            protocol.n_total_positions(math.ceil(utterance_seconds(u) * protocol.SAMPLE_RATE), max_delay)
-            for u in self.utterances
+            protocol.n_total_positions(
+                n, self.delay_sampler.max_tokens if epoch is None else self.delay_sampler.draw(self.seed, epoch, i)
+            )
+            for i, n in enumerate(self._n_samples)
         ]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -275,11 +282,15 @@ class LengthBucketSampler(Sampler[list[int]]):
     against in benchmarks/padding_waste.py). Every epoch's batches depend only on (seed, epoch). Each rank gets the
     batches `rank, rank + num_replicas, ...` of the epoch's list; the remainder (< num_replicas batches) is dropped.
     Resume: `state_dict(consumed_batches)` / `load_state_dict(state)`, or `set_epoch(e)` then `skip_batches(n)`.
+
+    `lengths_in_positions` is a list, or a function epoch -> list when lengths change per epoch (each item draws its
+    delay per epoch: `StreamingDataset.lengths_in_positions`); bucketing by the drawn lengths keeps items with
+    different delays out of one batch.
     """
 
     def __init__(
         self,
-        lengths_in_positions: Sequence[int],
+        lengths_in_positions: Sequence[int] | Callable[[int], Sequence[int]],
         max_positions_per_batch: int,
         seed: int = 0,
         shuffle: bool = True,
@@ -287,43 +298,53 @@ class LengthBucketSampler(Sampler[list[int]]):
         rank: int = 0,
         bucketing: bool = True,
     ) -> None:
-        self.lengths = np.asarray(lengths_in_positions, dtype=np.int64)
-        too_long = np.flatnonzero(self.lengths > max_positions_per_batch)
-        if too_long.size:
-            i = int(too_long[0])
-            raise ValueError(
-                f"{too_long.size} item(s) exceed max_positions_per_batch={max_positions_per_batch}, e.g. item {i} "
-                f"with {self.lengths[i]} positions: raise the budget or cut recordings shorter (data max_seconds)"
-            )
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
         self.max_positions = max_positions_per_batch
         self.seed, self.shuffle, self.bucketing = seed, shuffle, bucketing
         self.num_replicas, self.rank = num_replicas, rank
+        self._lengths_of = lengths_in_positions if callable(lengths_in_positions) else lambda epoch: lengths_in_positions
+        self._cache: tuple[int, list[list[int]]] | None = None  # (epoch, its batches)
         self.epoch = 0
         self._skip = 0  # batches of the next iteration to skip (resume)
         self._yielded = 0  # batches handed out so far in this epoch
+        self.n_items = len(self.lengths(0))  # also checks the budget now rather than at the first batch
+
+    def lengths(self, epoch: int) -> np.ndarray:
+        lengths = np.asarray(self._lengths_of(epoch), dtype=np.int64)
+        too_long = np.flatnonzero(lengths > self.max_positions)
+        if too_long.size:
+            i = int(too_long[0])
+            raise ValueError(
+                f"{too_long.size} item(s) exceed max_positions_per_batch={self.max_positions} in epoch {epoch}, e.g. "
+                f"item {i} with {lengths[i]} positions: raise the budget or cut recordings shorter (data max_seconds)"
+            )
+        return lengths
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """All ranks' batches of `epoch`, in the order they are served (before the split across ranks)."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        lengths = self.lengths(epoch)
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
+        order = rng.permutation(len(lengths)) if self.shuffle else np.arange(len(lengths))
         if self.bucketing:  # stable sort: items of equal length keep their shuffled order
-            order = order[np.argsort(self.lengths[order], kind="stable")]
+            order = order[np.argsort(lengths[order], kind="stable")]
         batches: list[list[int]] = []
         current: list[int] = []
         longest = 0
         for index in order.tolist():
-            longest_if_added = max(longest, int(self.lengths[index]))
+            longest_if_added = max(longest, int(lengths[index]))
             if current and (len(current) + 1) * longest_if_added > self.max_positions:
                 batches.append(current)
-                current, longest_if_added = [], int(self.lengths[index])
+                current, longest_if_added = [], int(lengths[index])
             current.append(index)
             longest = longest_if_added
         if current:
             batches.append(current)
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
+        self._cache = (epoch, batches)
         return batches
 
     def _rank_batches(self) -> list[list[int]]:
@@ -349,7 +370,7 @@ class LengthBucketSampler(Sampler[list[int]]):
         number of batches the training loop actually consumed in this epoch; without it, the count handed out."""
         done = self._yielded if consumed_batches is None else consumed_batches
         return {"epoch": self.epoch, "batches_done": done, "seed": self.seed, "num_replicas": self.num_replicas,
-                "n_items": len(self.lengths), "max_positions_per_batch": self.max_positions}
+                "n_items": self.n_items, "max_positions_per_batch": self.max_positions}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         """Continue at the saved batch; refuses a state saved with another seed, data, budget or world size."""
