@@ -42,8 +42,9 @@ def report(name: str, lengths_of: Callable[[int], Sequence[int]], budget: int) -
             real += sum(lengths[i] for b in batches for i in b)
             n_batches, n_items = n_batches + len(batches), n_items + sum(map(len, batches))
         mode = "bucketed" if bucketing else "random  "
-        print(f"{name:<18} {mode}  items {len(per_epoch[0]):>6}  budget {budget:>6}  batches/epoch "
-              f"{n_batches // EPOCHS:>5}  mean batch {n_items / n_batches:6.1f}  padding {100 * (1 - real / padded):5.1f} %")
+        print(f"{name:<18} {mode}  items {len(per_epoch[0]):>6}  budget {budget:>6}  "
+              f"batches/epoch {n_batches // EPOCHS:>5}  mean batch {n_items / n_batches:6.1f}  "
+              f"padding {100 * (1 - real / padded):5.1f} %")
 
 
 def main() -> None:

@@ -37,7 +37,10 @@ def test_delay_configs():
     weighted = DelaySampler.from_config({"choices_ms": [480, 960], "weights": [3, 1]})
     assert weighted.weights == (0.75, 0.25) and weighted.max_tokens == 12
     assert DelaySampler.fixed(480).draw(seed=5, epoch=3, index=7) == 6
-    for bad in ({"fixed_ms": 500}, {"min_ms": 960, "max_ms": 480}, {"fixed": 480}, {"choices_ms": [480], "weights": [0]}):
+    bad_configs = [
+        {"fixed_ms": 500}, {"min_ms": 960, "max_ms": 480}, {"fixed": 480}, {"choices_ms": [480], "weights": [0]}
+    ]
+    for bad in bad_configs:
         with pytest.raises(ValueError):
             DelaySampler.from_config(bad)
 
@@ -88,7 +91,7 @@ def long_utterances(draw):
     t, words = 0.0, []
     for i in range(draw(st.integers(1, 40))):
         start = t + draw(st.floats(0.0, 4.0))
-        end = start + draw(st.floats(0.05, 1.5))
+        end = start + draw(st.floats(0.05, 1.4))
         words.append(Word(f"w{i}", start, end))
         t = end
     return _utt(words, t + draw(st.floats(0.0, 3.0)), offset=draw(st.sampled_from([None, 2.0])))
@@ -253,7 +256,8 @@ def test_padding_fraction_by_hand():
 
 def test_ranks_get_disjoint_equal_shares():
     shares = [_all(LengthBucketSampler(LENGTHS, 1500, seed=3, num_replicas=3, rank=r)) for r in range(3)]
-    assert len({len(s) for s in shares}) == 1 and len(shares[0]) == len(LengthBucketSampler(LENGTHS, 1500, seed=3, num_replicas=3, rank=0))
+    assert len({len(s) for s in shares}) == 1
+    assert len(shares[0]) == len(LengthBucketSampler(LENGTHS, 1500, seed=3, num_replicas=3, rank=0))
     seen = [i for share in shares for b in share for i in b]
     assert len(seen) == len(set(seen))
     all_batches = LengthBucketSampler(LENGTHS, 1500, seed=3).epoch_batches(0)
@@ -290,3 +294,27 @@ def test_resume_continues_at_the_same_batch():
 def test_sampler_refuses_items_over_budget():
     with pytest.raises(ValueError, match="item 1 with 300 positions"):
         LengthBucketSampler([100, 300], 250)
+
+
+def test_batches_feed_the_model_and_right_padding_changes_nothing(clips):
+    """A DataLoader batch runs through the tiny model; each item's logits equal those of the item alone (the encoder
+    and decoder are causal, so the right padding needs no attention mask)."""
+    from voxtral_train.model import load_model
+
+    model, tokenizer = load_model("tiny")
+    model.eval()
+    dataset = StreamingDataset(clips, tokenizer, DelaySampler.choices([160, 960]), seed=1)
+    sampler = LengthBucketSampler(dataset.lengths_in_positions(0), max_positions_per_batch=10_000, seed=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+    batch = next(iter(loader))
+    assert len(batch["ids"]) == 2 and len(set(batch["n_positions"].tolist())) == 2
+    with torch.no_grad():
+        logits = model(input_features=batch["input_features"], input_ids=batch["input_ids"],
+                       num_delay_tokens=batch["num_delay_tokens"], use_cache=False).logits
+        assert logits.shape[:2] == batch["input_ids"].shape
+        for row in range(2):
+            n = batch["n_positions"][row].item()
+            alone = model(input_features=batch["input_features"][row : row + 1, :, : 8 * n],
+                          input_ids=batch["input_ids"][row : row + 1, :n],
+                          num_delay_tokens=batch["num_delay_tokens"][row : row + 1], use_cache=False).logits
+            torch.testing.assert_close(logits[row, :n], alone[0], atol=1e-4, rtol=1e-4)

@@ -303,7 +303,8 @@ class LengthBucketSampler(Sampler[list[int]]):
         self.max_positions = max_positions_per_batch
         self.seed, self.shuffle, self.bucketing = seed, shuffle, bucketing
         self.num_replicas, self.rank = num_replicas, rank
-        self._lengths_of = lengths_in_positions if callable(lengths_in_positions) else lambda epoch: lengths_in_positions
+        fixed = lengths_in_positions
+        self._lengths_of = lengths_in_positions if callable(lengths_in_positions) else lambda epoch: fixed
         self._cache: tuple[int, list[list[int]]] | None = None  # (epoch, its batches)
         self.epoch = 0
         self._skip = 0  # batches of the next iteration to skip (resume)
