@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import soundfile as sf
 
-from data_prep.segment import plan_segments
 from data_prep.timings import check_words, heuristic_words
+from voxtral_train.data import segment_utterance
 from voxtral_train.audio import AudioError, read_native, resample
 from voxtral_train.manifest import Utterance, Word
 from voxtral_train.protocol import SAMPLE_RATE, SAMPLES_PER_POSITION
@@ -129,15 +129,11 @@ def check_audio(row: SourceRow, opts: PrepOptions) -> list[Utterance] | Reject:
         return Reject("too_long", f"{duration:.2f} s > {opts.max_seconds} s ({why})", row.source, row.id)
     else:
         try:
-            segments = plan_segments(words, duration, opts.max_seconds)
+            segments = segment_utterance(base, opts.max_seconds)
         except ValueError as err:
             return Reject("unsegmentable", str(err), row.source, row.id)
         origin = row.offset or 0.0
-        pieces = [
-            (s.start, s.end, replace(base, id=f"{row.id}_{k:03d}", text=" ".join(w.word for w in s.words),
-                                     duration=s.end - s.start, offset=origin + s.start, end=origin + s.end, words=s.words))
-            for k, s in enumerate(segments)
-        ]
+        pieces = [(u.offset - origin, u.end - origin, u) for u in segments]
     if opts.copy_dir is None:
         return [u for _, _, u in pieces]
     return [

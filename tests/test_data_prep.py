@@ -7,7 +7,6 @@ import soundfile as sf
 
 from data_prep import sources
 from data_prep.cli import main
-from data_prep.segment import plan_segments
 from data_prep.timings import check_words, frame_rms, speech_span, spread_words
 from data_prep.validate import PrepOptions, SourceRow, prepare
 from voxtral_train.audio import load_audio
@@ -62,17 +61,6 @@ def test_check_words_keeps_text_spelling_and_rejects_disorder():
             check_words(bad, "a b", 1.0)
 
 
-def test_plan_segments_cuts_in_gaps_and_keeps_all_audio():
-    words = [Word("a", 0.5, 1.0), Word("b", 1.2, 2.0), Word("c", 2.4, 3.5), Word("d", 3.7, 4.0)]
-    segs = plan_segments(words, 4.5, max_seconds=2.5)
-    # cuts: a|b 1.1, b|c 2.2, c|d 3.6; greedy: [0, 2.2] (a, b), [2.2, 4.5] (c, d)
-    assert [(s.start, s.end) for s in segs] == [(0.0, pytest.approx(2.2)), (pytest.approx(2.2), 4.5)]
-    assert [[w.word for w in s.words] for s in segs] == [["a", "b"], ["c", "d"]]
-    assert segs[1].words[0] == Word("c", pytest.approx(0.2), pytest.approx(1.3))
-    with pytest.raises(ValueError):
-        plan_segments(words, 4.5, max_seconds=1.0)  # "c" alone spans more than 1 s
-
-
 # ---- validation and the reject report ------------------------------------------------------------
 
 def test_every_bad_input_gets_its_reason(tmp_path):
@@ -109,7 +97,7 @@ def test_segment_long_timed_recording_and_copy_audio(tmp_path):
     words = [Word("One", 0.2, 1.0), Word("two", 1.2, 2.0), Word("three", 2.4, 3.5), Word("four.", 3.7, 4.8)]
     opts = PrepOptions(max_seconds=3.0, segment=True, copy_dir=tmp_path / "copies")
     result = prepare([row(audio, "One two three four.", words=words)], opts, workers=1)
-    assert [u.id for u in result.kept] == ["long_000", "long_001"]
+    assert [u.id for u in result.kept] == ["long#0", "long#1"]
     assert [u.text for u in result.kept] == ["One two", "three four."]
     first, second = result.kept
     # cuts at 1.1, 2.2, 3.6: [0, 2.2] and [2.2, 5.0] (the clip end)
