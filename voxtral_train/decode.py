@@ -121,10 +121,9 @@ def greedy_decode(
     for b, (n, l) in enumerate(zip(lengths, prompt_lens)):
         if n < l:
             raise ValueError(f"sample {b}: {n} positions is shorter than its prompt ({l} at delay {delays[b]})")
-    inner = model.model
     device = input_features.device
     features = input_features.to(device=device, dtype=model.dtype)
-    audio = inner.get_audio_features(input_features=features).pooler_output  # [B, P_max, D]
+    audio = model.get_audio_features(input_features=features).pooler_output  # [B, P_max, D]
     if audio.shape[1] < max(lengths):
         raise ValueError(f"features cover {audio.shape[1]} positions, n_positions asks for {max(lengths)}")
     forced = torch.full((batch, max(prompt_lens)), tokenizer.ids.streaming_pad, dtype=torch.long, device=device)
@@ -214,7 +213,7 @@ class OnlineStream:
         self.position = 0  # next decoder position to run
 
     def _audio_embeds(self, mel: torch.Tensor) -> torch.Tensor:
-        out = self.model.model.get_audio_features(
+        out = self.model.get_audio_features(
             input_features=mel[None].to(self.model.dtype), padding_cache=self.padding_cache,
             cache=self.encoder_cache, use_cache=True,
         )

@@ -1,0 +1,254 @@
+"""`voxtral-eval`: decode a manifest with one or more models at several delays and write a report.
+
+    voxtral-eval --model tiny --model runs/demo/final --manifest data/eval.jsonl --delays 240,480,960 --out eval/
+    voxtral-eval --model BASE_DIR --adapter runs/lora/final/adapter ...      # LoRA adapter merged for decoding
+    voxtral-eval probe-anchor --model DIR --manifest data/eval.jsonl --delay 480 --out probe/
+
+The first form writes `report.json`, `report.md`, `errors.jsonl`, `wer_vs_delay.png` and `latency_hist.png`
+(see `voxtral_train.report`). `probe-anchor` asks a checkpoint where it expects words: its teacher-forced loss on
+targets anchored at word end vs word start, shifted by -2..+2 frames (the lowest loss is the convention it
+was trained with); it prints a table and writes `probe_anchor.json`.
+
+From Python (the training loop calls this at the end of a run):
+
+    result = evaluate_model(model, tokenizer, utterances, [480], out_dir="runs/x/eval")
+    result["delays"][0]["wer_norm"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from voxtral_train import protocol
+from voxtral_train.audio import load_audio
+from voxtral_train.decode import Decoded, greedy_decode
+from voxtral_train.features import log_mel, pad_audio, silence_value
+from voxtral_train.manifest import Utterance, read_manifest
+from voxtral_train.metrics import score_utterance, summarize, summarize_by_language
+from voxtral_train.report import markdown_table, write_report
+from voxtral_train.tokenizer import StreamingTokenizer
+
+PROBE_OFFSETS = (-2, -1, 0, 1, 2)
+PROBE_ANCHORS = ("end", "start")
+
+
+def _features(samples, delay_tokens: int) -> torch.Tensor:
+    return log_mel(pad_audio(samples, delay_tokens))
+
+
+def _stack(features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Right-pad with the log-mel of silence (the encoder is causal: padding never changes earlier positions)."""
+    lengths = [f.shape[1] // protocol.MEL_FRAMES_PER_POSITION for f in features]
+    batch = torch.full((len(features), protocol.NUM_MEL_BINS, max(f.shape[1] for f in features)), silence_value())
+    for row, f in enumerate(features):
+        batch[row, :, : f.shape[1]] = f
+    return batch, lengths
+
+
+def decode_utterances(model, tokenizer: StreamingTokenizer, utterances: Sequence[Utterance], delay_tokens: int,
+                      batch_size: int = 8, progress: bool = True, label: str = "") -> tuple[list[Decoded], float, float]:
+    """Decode every utterance at one delay. Returns (decoded in input order, audio seconds, wall seconds).
+    Utterances are batched by length, so a batch's samples finish at about the same step."""
+    device = next(model.parameters()).device
+    audio = [load_audio(u.audio, u.offset, u.end) for u in utterances]
+    order = sorted(range(len(audio)), key=lambda i: len(audio[i]))
+    decoded: list[Decoded | None] = [None] * len(audio)
+    audio_seconds = sum(len(a) for a in audio) / protocol.SAMPLE_RATE
+    done_seconds, start = 0.0, time.perf_counter()
+    bar = tqdm(total=len(audio), desc=label or f"decode @ {protocol.delay_tokens_to_ms(delay_tokens)} ms",
+               disable=not progress, unit="utt")
+    for first in range(0, len(order), batch_size):
+        chunk = order[first : first + batch_size]
+        batch, lengths = _stack([_features(audio[i], delay_tokens) for i in chunk])
+        for i, out in zip(chunk, greedy_decode(model, tokenizer, batch.to(device), lengths, delay_tokens)):
+            decoded[i] = out
+        done_seconds += sum(len(audio[i]) for i in chunk) / protocol.SAMPLE_RATE
+        bar.update(len(chunk))
+        bar.set_postfix_str(f"{done_seconds / (time.perf_counter() - start):.1f}× real time")
+    bar.close()
+    return decoded, audio_seconds, time.perf_counter() - start
+
+
+@torch.no_grad()
+def evaluate_model(model, tokenizer: StreamingTokenizer, utterances: Sequence[Utterance],
+                   delays_ms: Sequence[int] = (protocol.DEFAULT_DELAY_MS,), out_dir: str | Path | None = None,
+                   batch_size: int = 8, name: str = "model", progress: bool = True) -> dict[str, Any]:
+    """Decode `utterances` at each delay and score them; write a report into `out_dir` when given.
+
+    Returns {"model", "n_utterances", "delays": [per-delay summary: wer_raw, wer_norm, cer_raw, cer_norm,
+    blank_rate, offset/latency p50/p90, x_real_time, by_language, ...], "utterances": [per-utterance rows]}
+    (the layout `voxtral_train.report` documents). The model is put in eval mode and restored afterwards."""
+    was_training = model.training
+    model.eval()
+    result: dict[str, Any] = {"model": name, "n_utterances": len(utterances), "delays": [], "utterances": []}
+    try:
+        for delay_ms in delays_ms:
+            delay = protocol.delay_ms_to_tokens(delay_ms)
+            decoded, audio_s, wall_s = decode_utterances(model, tokenizer, utterances, delay, batch_size, progress,
+                                                         label=f"{name} @ {delay_ms} ms")
+            scores = [
+                score_utterance(u.id, u.text, d.text, u.language,
+                                [(w.word, w.end) for w in u.words] if u.words else None, d.words)
+                for u, d in zip(utterances, decoded)
+            ]
+            delay_s = delay_ms / 1000
+            result["delays"].append({
+                "delay_ms": int(delay_ms), "delay_tokens": delay, **summarize(scores, delay_s),
+                "audio_seconds": audio_s, "decode_seconds": wall_s, "x_real_time": audio_s / max(wall_s, 1e-9),
+                "by_language": summarize_by_language(scores, delay_s),
+            })
+            result["utterances"] += [
+                {"delay_ms": int(delay_ms), **s.to_json(), "words": [[w, round(t, 3)] for w, t in d.words]}
+                for s, d in zip(scores, decoded)
+            ]
+    finally:
+        model.train(was_training)
+    if out_dir is not None:
+        write_report(out_dir, [result], {"delays_ms": [int(d) for d in delays_ms]})
+    return result
+
+
+# --- anchor probe -----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def probe_anchor(model, tokenizer: StreamingTokenizer, utterances: Sequence[Utterance], delay_ms: int,
+                 batch_size: int = 8, offsets: Sequence[int] = PROBE_OFFSETS) -> list[dict[str, Any]]:
+    """Teacher-forced loss of `model` on targets built with each anchor and frame offset (utterances need word
+    times). One row per (anchor, offset): loss, pad_loss, text_loss, text_accuracy, target_tokens."""
+    from voxtral_train.data import DelaySampler, StreamingDataset, collate
+    from voxtral_train.loss import streaming_loss_sums, summarize as summarize_loss
+
+    untimed = [u.id for u in utterances if not u.words]
+    if untimed:
+        raise ValueError(f"probe-anchor needs word times; {len(untimed)} utterance(s) have none, e.g. {untimed[0]}")
+    model.eval()
+    device = next(model.parameters()).device
+    rows = []
+    for anchor in PROBE_ANCHORS:
+        for offset in offsets:
+            dataset = StreamingDataset(utterances, tokenizer, DelaySampler.fixed(delay_ms), anchor=anchor,
+                                       offset_frames=offset)
+            stats = None
+            for first in range(0, len(dataset), batch_size):
+                batch = collate([dataset[i] for i in range(first, min(first + batch_size, len(dataset)))])
+                hidden = model.model(input_ids=batch["input_ids"].to(device),
+                                     input_features=batch["input_features"].to(device, model.dtype),
+                                     num_delay_tokens=batch["num_delay_tokens"].to(device), use_cache=False
+                                     ).last_hidden_state
+                sums = streaming_loss_sums(hidden, model.lm_head, batch["labels"].to(device),
+                                           tokenizer.ids.streaming_pad, pad_weight=1.0, text_weight=1.0)
+                stats = sums.stats() if stats is None else stats + sums.stats()
+            rows.append({"anchor": anchor, "offset_frames": offset, **summarize_loss(stats)})
+    return rows
+
+
+def probe_table(rows: Sequence[dict[str, Any]]) -> str:
+    best = min(rows, key=lambda r: r["loss"])
+    lines = ["| anchor | offset (frames) | loss | text loss | pad loss | text accuracy % |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        mark = " **(lowest)**" if r is best else ""
+        lines.append(f"| {r['anchor']} | {r['offset_frames']:+d} | {r['loss']:.4f}{mark} | {r['text_loss']:.4f} | "
+                     f"{r['pad_loss']:.4f} | {100 * r['text_accuracy']:.1f} |")
+    return "\n".join(lines)
+
+
+# --- command line -------------------------------------------------------------------------------------------------
+
+def load_for_eval(source: str, adapter: str | None = None, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer) from `load_model`; a PEFT adapter folder is merged into the weights for decoding."""
+    from voxtral_train.model import load_model
+
+    model, tokenizer = load_model(source, dtype=dtype)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.to(device).eval(), tokenizer
+
+
+def _utterances(manifest: str, limit: int | None) -> list[Utterance]:
+    rows = read_manifest(manifest)
+    return rows[:limit] if limit else rows
+
+
+def _delays(text: str) -> list[int]:
+    try:
+        delays = [int(x) for x in text.split(",") if x.strip()]
+        for d in delays:
+            protocol.delay_ms_to_tokens(d)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--delays: {err}") from None
+    return delays
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--manifest", required=True, help="JSONL manifest to decode (voxtral_train.manifest format)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N utterances")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def eval_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="voxtral-eval", description="Decode a manifest and report WER/latency.")
+    parser.add_argument("--model", action="append", required=True,
+                        help="'tiny', an HF-format or a Mistral-format folder; repeat to compare models")
+    parser.add_argument("--adapter", default=None, help="LoRA adapter folder, merged into every --model")
+    parser.add_argument("--delays", type=_delays, default=[protocol.DEFAULT_DELAY_MS],
+                        help="comma-separated delays in ms, multiples of 80 (default 480)")
+    _common(parser)
+    args = parser.parse_args(argv)
+    utterances = _utterances(args.manifest, args.limit)
+    results = []
+    for source in args.model:
+        model, tokenizer = load_for_eval(source, args.adapter, args.dtype, args.device)
+        name = source if args.adapter is None else f"{source}+{Path(args.adapter).name}"
+        results.append(evaluate_model(model, tokenizer, utterances, args.delays, batch_size=args.batch_size,
+                                      name=name))
+        del model
+    settings = {"manifest": str(args.manifest), "delays_ms": args.delays, "models": args.model,
+                "adapter": args.adapter, "limit": args.limit, "dtype": args.dtype}
+    path = write_report(args.out, results, settings)
+    print(markdown_table(results))
+    print(f"report: {path}")
+    return 0
+
+
+def probe_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="voxtral-eval probe-anchor",
+                                     description="Teacher-forced loss on targets anchored at word end vs start.")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--adapter", default=None)
+    parser.add_argument("--delay", type=int, default=protocol.DEFAULT_DELAY_MS, help="delay in ms")
+    _common(parser)
+    args = parser.parse_args(argv)
+    model, tokenizer = load_for_eval(args.model, args.adapter, args.dtype, args.device)
+    rows = probe_anchor(model, tokenizer, _utterances(args.manifest, args.limit), args.delay, args.batch_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"model": args.model, "adapter": args.adapter, "manifest": args.manifest, "delay_ms": args.delay,
+               "rows": rows, "lowest": min(rows, key=lambda r: r["loss"])}
+    (out / "probe_anchor.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(probe_table(rows))
+    print(f"written: {out / 'probe_anchor.json'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "probe-anchor":
+        return probe_main(argv[1:])
+    return eval_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
