@@ -42,10 +42,6 @@ class Decoded:
     words: list[tuple[str, float]]  # (word, emitted_s) on the audio time axis, see module docstring
     delay_tokens: int
 
-    @property
-    def prompt_length(self) -> int:
-        return protocol.prompt_length(self.delay_tokens)
-
 
 def token_time(stream_index: int, delay_tokens: int) -> float:
     """Seconds on the audio axis that the token x_q stands for: the end of its 80 ms frame."""
@@ -146,11 +142,10 @@ def greedy_decode(
     for p in range(first, max(lengths) + 1):
         # `prediction[i]` is x_p of sample active[i]: an emission once past that sample's prompt.
         keep = []
-        for i, b in enumerate(active.tolist()):
+        for i, (b, token) in enumerate(zip(active.tolist(), prediction.tolist())):  # one device sync per step
             if p < prompt_lens[b]:
                 keep.append(i)
                 continue
-            token = int(prediction[i])
             emitted[b].append(token)
             if token != tokenizer.ids.eos and p < lengths[b]:  # x_{P_b} is the last token with audio behind it
                 keep.append(i)
