@@ -1,0 +1,99 @@
+"""Whole-recipe runs of the tiny model on the bundled speech set, in this process (single CPU process)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+
+from voxtral_train.checkpoint import complete_checkpoints
+from voxtral_train.train import compose_settings, train
+
+# A few steps, small batches, no tensorboard: the shape of a run, not its quality.
+FAST = ["train.warmup_steps=2", "logging.progress_bar=false", "logging.tensorboard=false", "train.log_every=1",
+        "data.max_positions_per_batch=300", "train.eval_every=0", "data.final_eval_split=none", "train.save_every=2"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each run builds its own Accelerator; accelerate keeps process-wide state between them otherwise."""
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def run(tmp_path, *overrides):
+    return train(compose_settings([*FAST, f"train.output_root={tmp_path}", *overrides]))
+
+
+def metrics(run_dir, split="train"):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if row["split"] == split]
+
+
+def test_run_folder_loss_falls_and_periodic_eval(tmp_path):
+    result = run(tmp_path, "train.name=shape", "train.max_steps=6", "optim.lr=3e-3", "train.eval_every=3",
+                 "train.eval_wer_clips=2", "data.final_eval_split=eval", "train.keep_last=2")
+    run_dir = tmp_path / "shape"
+    assert result.run_dir == run_dir and result.final_step == 6 and result.stopped is None
+    assert len(result.losses) == 6 and result.losses[-1] < result.losses[0] - 0.3
+    assert [row["step"] for row in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert [row["loss"] for row in metrics(run_dir)] == pytest.approx(result.losses)
+    evals = metrics(run_dir, "eval")
+    assert [row["step"] for row in evals] == [3] and 0 <= evals[0]["wer"] and evals[0]["loss"] > 0
+    assert metrics(run_dir, "ranks")[0]["world_size"] == 1
+    # Checkpoints: the last two, each self-describing.
+    assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == ["step_000004", "step_000006"]
+    last = run_dir / "checkpoints" / "step_000006"
+    for name in ("model.safetensors", "optimizer.bin", "scheduler.bin", "config.yaml", "tekken.json",
+                 "trainer_state.json"):
+        assert (last / name).is_file(), name
+    assert json.loads((last / "trainer_state.json").read_text())["step"] == 6
+    assert "train:" in (run_dir / "config.yaml").read_text()
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert len(report["utterances"]) == 8 and result.final_wer == report["wer_norm"]
+    assert (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "final" / "tekken.json").is_file()
+    assert "training loss" in (run_dir / "summary.md").read_text()
+
+
+def test_lora_run_writes_an_adapter_per_checkpoint(tmp_path):
+    run(tmp_path, "train.name=lora", "peft=lora", "train.max_steps=2", "train.gradient_checkpointing=true")
+    last = tmp_path / "lora" / "checkpoints" / "step_000002"
+    assert (last / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "lora" / "final" / "adapter_config.json").is_file()
+
+
+def test_exact_resume_matches_an_unbroken_run(tmp_path):
+    """4 unbroken steps vs. the same run cut at its step-2 checkpoint and resumed: same losses, same weights."""
+    unbroken = run(tmp_path, "train.name=unbroken", "train.max_steps=4", "train.gradient_accumulation_steps=2",
+                   "peft=lora", "peft.dropout=0.1")  # dropout: the RNG state must come back too
+    shutil.copytree(tmp_path / "unbroken", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_000004")
+    resumed = run(tmp_path, "train.name=resumed", "train.max_steps=4", "train.gradient_accumulation_steps=2",
+                  "peft=lora", "peft.dropout=0.1", "train.resume=latest")
+    assert resumed.final_step == 4 and len(resumed.losses) == 2
+    assert resumed.losses == pytest.approx(unbroken.losses[2:], abs=1e-6, rel=0)
+    a = load_file(tmp_path / "unbroken" / "checkpoints" / "step_000004" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoints" / "step_000004" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
+    run(tmp_path, "train.name=once", "train.max_steps=2")
+    with pytest.raises(RuntimeError, match="train.resume=latest"):
+        run(tmp_path, "train.name=once", "train.max_steps=2")
+
+
+def test_non_finite_loss_stops_and_keeps_the_previous_checkpoint(tmp_path):
+    # lr 1e30 turns every weight into +-1e30 in one Adam step: the next forward overflows.
+    result = run(tmp_path, "train.name=blowup", "train.max_steps=5", "optim.lr=1e30", "train.warmup_steps=0",
+                 "train.save_every=1", "train.keep_last=3")
+    assert result.stopped and "step 2" in result.stopped and "step_000001" in result.stopped
+    assert result.final_step == 1
+    assert [p.name for p in complete_checkpoints(tmp_path / "blowup" / "checkpoints")] == ["step_000001"]
+    assert not (tmp_path / "blowup" / "final").exists()
+    assert "stopped early" in (tmp_path / "blowup" / "summary.md").read_text()

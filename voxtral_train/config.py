@@ -1,0 +1,215 @@
+"""The typed training settings, and the one validation that reports every problem at once.
+
+Hydra composes `configs/train.yaml` and its groups into a plain mapping; `settings_from_dict` checks it against the
+dataclasses below (unknown keys, wrong types, values out of range, `???` left unset) and returns `Settings`.
+Each problem names its key (`optim.lr: must be > 0, got -0.001`), so a typo stops the run before any model loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+from voxtral_train.trainable import PeftSettings
+
+MISSING = "???"  # OmegaConf's mark for a value the user must set
+
+
+@dataclass
+class ModelSettings:
+    path: str = "tiny"  # "tiny" (random-init demo size) or a local HF-format / Mistral-format folder
+    dtype: Literal["float32", "bfloat16"] = "float32"  # weight dtype at load (mixed precision is train.mixed_precision)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+@dataclass
+class DataSettings:
+    train_manifest: str = "bundled:train"  # JSONL manifest path, or bundled:train / bundled:eval (espeak-ng set)
+    eval_manifest: str | None = "bundled:eval"  # held-out manifest for periodic eval; null = none
+    delays_ms: list[int] = field(default_factory=lambda: [480])  # delays sampled per utterance (80 ms multiples)
+    anchor: Literal["end", "start"] = "end"  # a word's slot counts from its end (released model) or its start
+    max_seconds: float = 30.0  # longer utterances are skipped
+    max_positions_per_batch: int = 2048  # micro-batch size in 80 ms positions (padding included), per process
+    num_workers: int = 0  # DataLoader worker processes
+    final_eval_split: Literal["train", "eval", "none"] = "train"  # decoded at the end: train = memorisation check
+
+
+@dataclass
+class OptimSettings:
+    _target_: str = "torch.optim.AdamW"  # any torch optimizer class; built with the trainable parameters
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # applied to matrices (>= 2-D) only, never to norms or biases
+
+
+@dataclass
+class TrainSettings:
+    name: str = "tiny_demo"  # run folder: <output_root>/<name>
+    output_root: str = "runs"
+    seed: int = 0
+    max_steps: int = 250  # optimizer steps
+    gradient_accumulation_steps: int = 1
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # shape after warmup
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine / linear)
+    max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = no clipping
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    pad_loss_weight: float = 0.5  # weight of [STREAMING_PAD] targets (DEMO_NOTES: 0.5)
+    text_loss_weight: float = 1.0  # weight of word / [STREAMING_WORD] / EOS targets
+    z_loss: float = 0.0  # weight of log(Z)^2, keeps logits from drifting
+    loss_chunk_positions: int = 1024  # scored positions per lm_head chunk: bounds the [n, vocab] fp32 logits
+    log_every: int = 5
+    eval_every: int = 50  # periodic eval (teacher-forced loss + a short WER); 0 = off
+    eval_wer_clips: int = 4  # clips decoded for the periodic WER
+    save_every: int = 50  # checkpoint every N optimizer steps (and at the end); 0 = only at the end
+    keep_last: int = 2  # complete checkpoints kept
+    resume: str | None = None  # null, latest, or a checkpoint folder
+
+
+@dataclass
+class LoggingSettings:
+    tensorboard: bool = True  # <run>/tensorboard
+    wandb: bool = False  # WANDB_MODE=offline works without a network; no key and no mode -> offline, with a warning
+    wandb_project: str = "voxtral-train"
+    progress_bar: bool = True
+
+
+@dataclass
+class DeepSpeedSettings:
+    zero_stage: Literal[0, 2, 3] = 0  # 0 = no DeepSpeed (plain DDP through accelerate)
+    offload_optimizer: bool = False  # ZeRO optimizer states in CPU memory
+    offload_params: bool = False  # ZeRO-3 parameters in CPU memory
+
+
+@dataclass
+class Settings:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    peft: PeftSettings = field(default_factory=PeftSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+
+
+class ConfigError(ValueError):
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid training config:\n  " + "\n  ".join(problems))
+
+
+def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
+    """Typed settings from a composed config; raises ConfigError listing every problem."""
+    problems: list[str] = []
+    settings = _convert(Settings, raw, "", problems)
+    if not problems:
+        problems = value_problems(settings)
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def value_problems(s: Settings) -> list[str]:
+    """Range and consistency checks on well-typed settings."""
+    checks = [
+        (s.optim.lr > 0, f"optim.lr: must be > 0, got {s.optim.lr}"),
+        (len(s.optim.betas) == 2 and all(0 <= b < 1 for b in s.optim.betas), f"optim.betas: two values in [0, 1), got {s.optim.betas}"),
+        (s.optim.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {s.optim.weight_decay}"),
+        (s.train.max_steps > 0, f"train.max_steps: must be > 0, got {s.train.max_steps}"),
+        (s.train.gradient_accumulation_steps >= 1, f"train.gradient_accumulation_steps: must be >= 1, got {s.train.gradient_accumulation_steps}"),
+        (s.train.warmup_steps >= 0, f"train.warmup_steps: must be >= 0, got {s.train.warmup_steps}"),
+        (0 <= s.train.min_lr_ratio <= 1, f"train.min_lr_ratio: must be in [0, 1], got {s.train.min_lr_ratio}"),
+        (s.train.max_grad_norm >= 0, f"train.max_grad_norm: must be >= 0, got {s.train.max_grad_norm}"),
+        (s.train.pad_loss_weight >= 0, f"train.pad_loss_weight: must be >= 0, got {s.train.pad_loss_weight}"),
+        (s.train.text_loss_weight > 0, f"train.text_loss_weight: must be > 0, got {s.train.text_loss_weight}"),
+        (s.train.z_loss >= 0, f"train.z_loss: must be >= 0, got {s.train.z_loss}"),
+        (s.train.loss_chunk_positions > 0, f"train.loss_chunk_positions: must be > 0, got {s.train.loss_chunk_positions}"),
+        (s.train.log_every > 0, f"train.log_every: must be > 0, got {s.train.log_every}"),
+        (s.train.eval_every >= 0, f"train.eval_every: must be >= 0, got {s.train.eval_every}"),
+        (s.train.save_every >= 0, f"train.save_every: must be >= 0, got {s.train.save_every}"),
+        (s.train.keep_last >= 1, f"train.keep_last: must be >= 1, got {s.train.keep_last}"),
+        (bool(s.train.name) and "/" not in s.train.name, f"train.name: a folder name without '/', got {s.train.name!r}"),
+        (bool(s.data.delays_ms) and all(d > 0 and d % 80 == 0 for d in s.data.delays_ms),
+         f"data.delays_ms: positive multiples of 80 ms, got {s.data.delays_ms}"),
+        (s.data.max_seconds > 0, f"data.max_seconds: must be > 0, got {s.data.max_seconds}"),
+        (s.data.max_positions_per_batch > 0, f"data.max_positions_per_batch: must be > 0, got {s.data.max_positions_per_batch}"),
+        (s.data.num_workers >= 0, f"data.num_workers: must be >= 0, got {s.data.num_workers}"),
+        (s.data.final_eval_split != "eval" or s.data.eval_manifest is not None,
+         "data.final_eval_split: 'eval' needs data.eval_manifest"),
+        (s.peft.rank > 0, f"peft.rank: must be > 0, got {s.peft.rank}"),
+        (0 <= s.peft.dropout < 1, f"peft.dropout: must be in [0, 1), got {s.peft.dropout}"),
+        (not (s.peft.mode == "full" and (s.peft.unfreeze_encoder or s.peft.unfreeze_adapter)),
+         "peft.unfreeze_encoder/unfreeze_adapter: only for LoRA modes (peft.mode=full trains everything)"),
+        (not s.deepspeed.offload_params or s.deepspeed.zero_stage == 3,
+         f"deepspeed.offload_params: needs deepspeed.zero_stage=3, got {s.deepspeed.zero_stage}"),
+        (not (s.deepspeed.zero_stage and s.train.mixed_precision == "fp16"),
+         "train.mixed_precision: use bf16 (or no) with DeepSpeed; fp16 loss scaling is not wired here"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
+def _convert(kind: Any, value: Any, key: str, problems: list[str]) -> Any:
+    """`value` checked against the type `kind`; problems appended (named by `key`), defaults kept where wrong."""
+    if isinstance(value, str) and value == MISSING:
+        problems.append(f"{key}: required value is not set (???): pass {key}=...")
+        return None
+    if dataclasses.is_dataclass(kind):
+        return _convert_dataclass(kind, value, key, problems)
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, key, problems)
+    if origin is Literal:
+        if value not in args or isinstance(value, bool) != isinstance(args[0], bool):
+            problems.append(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            return []
+        return [_convert(args[0], item, f"{key}[{i}]", problems) for i, item in enumerate(value)]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[kind]
+    if not ok:
+        problems.append(f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    return float(value) if kind is float else value
+
+
+def _convert_dataclass(kind: type, value: Any, key: str, problems: list[str]) -> Any:
+    where = key or "config"
+    if not isinstance(value, Mapping):
+        problems.append(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return kind()
+    hints = typing.get_type_hints(kind)
+    names = [f.name for f in dataclasses.fields(kind)]
+    for unknown in sorted(set(value) - set(names)):
+        problems.append(f"{_join(key, unknown)}: unknown key (known keys of {where}: {', '.join(names)})")
+    values = {}
+    for name in names:
+        if name in value:
+            before = len(problems)
+            converted = _convert(hints[name], value[name], _join(key, name), problems)
+            if len(problems) == before:
+                values[name] = converted
+    return kind(**values)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def settings_to_dict(settings: Settings) -> dict[str, Any]:
+    """Plain nested dict (what `config.yaml` of a run holds)."""
+    return dataclasses.asdict(settings)
