@@ -99,3 +99,17 @@ def test_no_grad_path_gives_same_sums_and_stats_vector_order():
     torch.testing.assert_close(a.stats(), b.stats())
     assert len(STAT_NAMES) == a.stats().numel()
     assert a.stats()[STAT_NAMES.index("pad_count")] == (labels == PAD).sum()
+
+
+def test_padding_with_empty_chunks_changes_nothing():
+    """ZeRO-3 pads every rank to the same number of lm_head calls; the extra calls see no positions."""
+    hidden, head, labels = _batch(seed=3)
+    calls = []
+    head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    kw = dict(pad_weight=0.5, text_weight=1.0, chunk_positions=64)
+    with torch.no_grad():
+        plain = streaming_loss_sums(hidden, head, labels, PAD, **kw)
+        n_plain = len(calls)
+        padded = streaming_loss_sums(hidden, head, labels, PAD, min_chunks=n_plain + 3, **kw)
+    assert len(calls) - n_plain == n_plain + 3 and calls[-1] == 0
+    torch.testing.assert_close(plain.stats(), padded.stats())

@@ -12,6 +12,7 @@ depend on how its batch was split into micro-batches or processes (`backward_sca
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Callable
 
@@ -72,17 +73,18 @@ def _chunk_sums(project: Callable[[torch.Tensor], torch.Tensor], hidden: torch.T
 
 def streaming_loss_sums(hidden: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
                         pad_id: int, *, pad_weight: float, text_weight: float, z_loss: float = 0.0,
-                        chunk_positions: int = 1024) -> LossSums:
+                        chunk_positions: int = 1024, min_chunks: int = 0) -> LossSums:
     """Loss sums of a micro-batch from the final hidden states [B, P, D] and labels [B, P] (already shifted:
-    position p is scored against labels[p]). `project` maps [n, D] -> [n, V] (the tied lm_head)."""
+    position p is scored against labels[p]). `project` maps [n, D] -> [n, V] (the tied lm_head).
+    `min_chunks` pads with empty chunks: under ZeRO-3 every rank must call `project` equally often."""
     weights = target_weights(labels, pad_id, pad_weight, text_weight)
     scored = labels != IGNORE_INDEX
     flat_hidden = hidden[scored]  # [n, D]: only positions that are scored ever meet the vocabulary
     flat_labels = labels[scored]
     flat_weights = weights[scored]
     parts = []
-    for start in range(0, flat_labels.numel(), chunk_positions):
-        end = start + chunk_positions
+    for chunk in range(max(math.ceil(flat_labels.numel() / chunk_positions), min_chunks)):
+        start, end = chunk * chunk_positions, (chunk + 1) * chunk_positions
         args = (flat_hidden[start:end], flat_labels[start:end], flat_weights[start:end])
         if torch.is_grad_enabled():  # recompute the chunk's logits in backward instead of keeping them
             parts.append(checkpoint(_chunk_sums, project, *args, pad_id, z_loss, use_reentrant=False))

@@ -74,7 +74,8 @@ class StreamingLM(torch.nn.Module):
         self.pad_id = pad_id
         self.train_settings = settings.train
 
-    def forward(self, input_features, input_ids, labels, num_delay_tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_features, input_ids, labels, num_delay_tokens,
+                min_chunks: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
         embeddings = base.get_input_embeddings()
         hidden = base.model(  # final hidden states [B, P, D]; the logits are made in chunks by the loss
@@ -86,7 +87,7 @@ class StreamingLM(torch.nn.Module):
         t = self.train_settings
         sums = streaming_loss_sums(hidden, base.lm_head, labels, self.pad_id, pad_weight=t.pad_loss_weight,
                                    text_weight=t.text_loss_weight, z_loss=t.z_loss,
-                                   chunk_positions=t.loss_chunk_positions)
+                                   chunk_positions=t.loss_chunk_positions, min_chunks=min_chunks)
         return sums.weighted, sums.stats()
 
 
@@ -157,13 +158,34 @@ def to_device(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
     return {key: batch[key].to(device) for key in MODEL_INPUTS}
 
 
+def zero3_inputs(accelerator: Accelerator, batches: list[dict], chunk_positions: int, zero_stage: int) -> list[dict]:
+    """Model inputs of `batches`. Under ZeRO-3 every rank must call the same modules equally often (parameters are
+    gathered collectively, in a recorded order), but the per-sample delay conditioning and the loss chunks depend on
+    the batch: so each micro-batch is padded to the largest batch size across ranks with unscored copies of its last
+    row, and told the largest number of loss chunks."""
+    inputs = [to_device(b, accelerator.device) for b in batches]
+    if zero_stage != 3:
+        return inputs
+    local = torch.tensor([[b["labels"].shape[0], math.ceil((b["labels"] != -100).sum().item() / chunk_positions)]
+                          for b in inputs], device=accelerator.device)
+    common = accelerator.gather(local[None]).amax(dim=0).tolist()  # [n_batches, 2]: max over ranks
+    for item, (rows, chunks) in zip(inputs, common):
+        extra = rows - item["labels"].shape[0]
+        for key in MODEL_INPUTS:
+            item[key] = torch.cat([item[key], item[key][-1:].repeat_interleave(extra, dim=0)])
+        if extra:
+            item["labels"][-extra:] = -100
+        item["min_chunks"] = chunks
+    return inputs
+
+
 def eval_batches(dataset: StreamingDataset, max_positions: int) -> list[list[int]]:
     """The held-out set's batches (index lists), in a fixed order: the same on every rank and every eval."""
     return LengthBucketSampler(dataset.lengths_in_positions(), max_positions, shuffle=False).epoch_batches(0)
 
 
 def teacher_forced_eval(model: torch.nn.Module, accelerator: Accelerator, dataset: StreamingDataset,
-                        batches: list[list[int]]) -> dict[str, float]:
+                        batches: list[list[int]], chunk_positions: int, zero_stage: int) -> dict[str, float]:
     """Loss statistics over `batches`, sharded over ranks. Every rank runs the same number of forwards (ZeRO-3
     gathers parameters collectively): a rank short of batches repeats the first one and does not count it."""
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -174,7 +196,8 @@ def teacher_forced_eval(model: torch.nn.Module, accelerator: Accelerator, datase
         for i in range(math.ceil(len(batches) / world)):
             counted = i < len(mine)
             batch = collate([dataset[j] for j in (mine[i] if counted else batches[0])])
-            _, stats = model(**to_device(batch, accelerator.device))
+            (inputs,) = zero3_inputs(accelerator, [batch], chunk_positions, zero_stage)
+            _, stats = model(**inputs)
             total += stats * float(counted)
     model.train()
     return summarize(accelerator.reduce(total, "sum").cpu())
@@ -259,6 +282,15 @@ def train(settings: Settings) -> RunResult:
     # 1. Accelerator, seed, run folder (every rank derives the same folder from the config) -----------------------
     accelerator = build_accelerator(settings)
     is_main, say, device = accelerator.is_main_process, accelerator.print, accelerator.device
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes or (launched > 1 and accelerator.distributed_type.value == "NO"):
+        raise TrainingStopped(f"{launched} processes were launched but accelerate does not distribute them "
+                              f"({accelerator.distributed_type.value}); on CPU launch with ACCELERATE_USE_CPU=1 and "
+                              f"--multi_gpu (launch/cpu_2proc.yaml), never --cpu (ENV_NOTES.md)")
+    if settings.deepspeed.zero_stage and accelerator.distributed_type.value != "DEEPSPEED":
+        raise TrainingStopped(f"deepspeed.zero_stage={settings.deepspeed.zero_stage} but accelerate runs "
+                              f"{accelerator.distributed_type.value}: ACCELERATE_USE_CPU / --cpu turn DeepSpeed off; "
+                              f"on a CPU-only machine DeepSpeed picks its CPU backend by itself")
     run_dir = Path(t.output_root) / t.name
     ckpt_root = run_dir / "checkpoints"
     resume_from = resolve_resume(t.resume, ckpt_root)
@@ -337,7 +369,8 @@ def train(settings: Settings) -> RunResult:
         """Periodic eval: teacher-forced loss on the held-out set, and a short WER on a few of its clips."""
         if held_out is None:
             return
-        metrics = teacher_forced_eval(wrapped, accelerator, held_out, held_out_batches)
+        metrics = teacher_forced_eval(wrapped, accelerator, held_out, held_out_batches, t.loss_chunk_positions,
+                                      settings.deepspeed.zero_stage)
         clips = [list(range(min(t.eval_wer_clips, len(held_out))))]
         wer, scores = decode_wer(base_model(wrapped, accelerator), tokenizer, held_out, clips, device)
         metrics["wer"] = wer["wer_norm"]
@@ -364,9 +397,11 @@ def train(settings: Settings) -> RunResult:
         scale = backward_scale(global_weight, t.gradient_accumulation_steps, accelerator.num_processes)
         # 6b. Forward + backward per micro-batch; a non-finite loss on any rank stops before it reaches the weights.
         totals = torch.zeros(len(STAT_NAMES) + 2, device=device)  # the loss statistics + audio seconds, positions
-        for _, _, batch in window:
+        inputs = zero3_inputs(accelerator, [b for _, _, b in window], t.loss_chunk_positions,
+                              settings.deepspeed.zero_stage)
+        for (_, _, batch), batch_inputs in zip(window, inputs):
             with accelerator.accumulate(wrapped):
-                weighted, stats = wrapped(**to_device(batch, device))
+                weighted, stats = wrapped(**batch_inputs)
                 if any_rank(accelerator, not torch.isfinite(weighted).item()):
                     good = complete_checkpoints(ckpt_root)
                     stopped = (f"the loss became {weighted.item()} at step {state.step + 1}; stopped before the "
