@@ -28,7 +28,7 @@ from transformers import VoxtralRealtimeForConditionalGeneration
 from voxtral_train import flops, protocol
 from voxtral_train.loss import streaming_loss_sums
 from voxtral_train.memory_plan import GIB, plan_memory
-from voxtral_train.model import tiny_config, voxtral_mini_4b_config
+from voxtral_train.model import compile_layers, tiny_config, voxtral_mini_4b_config
 from voxtral_train.patches import apply_training_fixes
 from voxtral_train.trainable import PeftSettings, apply_trainable_policy, enable_gradient_checkpointing
 
@@ -193,6 +193,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--modes", default="full,lora", help="comma list of full, lora (full runs first)")
     parser.add_argument("--checkpointing", action="store_true", help="force gradient checkpointing")
+    parser.add_argument("--compile", action="store_true", help="regional torch.compile of every layer (model.compile_layers)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense FLOP/s of the device, in TFLOP/s")
     return parser.parse_args(argv)
 
@@ -211,6 +212,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     for mode in sorted(modes, key=["full", "lora"].index):  # LoRA wraps the model in place: full FT first
         if mode == "lora":
             model = apply_trainable_policy(model, PeftSettings(mode="lora"))
+        if args.compile:
+            print(f"{mode}: compiled {compile_layers(model)} layers (first steps include the compilation)")
         results += run_mode(model, mode, kernels, args, device, dtype, peak)
     return results
 
