@@ -79,3 +79,14 @@ def test_caller_inputs_embeds_not_mutated(tiny):
     with torch.no_grad():
         model(inputs_embeds=embeds, input_features=features, num_delay_tokens=6, use_cache=False)
     assert torch.equal(embeds, before)
+
+
+def test_delay_conditioning_equals_upstream_time_embedding_per_sample(tiny):
+    from voxtral_train.patches import delay_conditioning
+
+    model, _ = tiny()
+    delays = [0, 3, 6, 30]
+    t_cond = delay_conditioning(model.model, torch.tensor(delays), len(delays), torch.zeros(len(delays), 1, 128))
+    for i, delay in enumerate(delays):  # upstream: torch.full((1,), delay) -> time_embedding -> [dim]
+        upstream = model.model.time_embedding(torch.full((1,), float(delay)))
+        assert torch.equal(t_cond[i, 0], upstream)

@@ -26,12 +26,18 @@ from transformers.models.voxtral_realtime.modeling_voxtral_realtime import (
 
 def delay_conditioning(model: VoxtralRealtimeModel, num_delay_tokens: int | torch.Tensor, batch_size: int,
                        like: torch.Tensor) -> torch.Tensor:
-    """t_cond for each sample: [batch or 1, 1, dim], from upstream's own sinusoidal time embedding."""
-    delays = torch.as_tensor(num_delay_tokens, device=like.device, dtype=like.dtype).reshape(-1)
-    if delays.numel() not in (1, batch_size):
-        raise ValueError(f"num_delay_tokens has {delays.numel()} values for a batch of {batch_size}")
-    # Upstream's time embedding takes one delay at a time (it concatenates cos/sin along dim 0).
-    t_cond = torch.stack([model.time_embedding(delay.reshape(1)) for delay in delays])
+    """t_cond for each sample: [batch or 1, 1, dim], from upstream's own sinusoidal time embedding.
+
+    Upstream's embedding concatenates cos and sin along dim 0, so for n delays shaped [n, 1] it returns
+    [cos_1..cos_n, sin_1..sin_n] stacked as [2n, dim/2]; we re-pair the halves. One call for the whole batch keeps
+    the module-call count independent of the batch (ZeRO-3 requires every rank to call the same modules).
+    """
+    delays = torch.as_tensor(num_delay_tokens, device=like.device, dtype=like.dtype).reshape(-1, 1)
+    n = delays.shape[0]
+    if n not in (1, batch_size):
+        raise ValueError(f"num_delay_tokens has {n} values for a batch of {batch_size}")
+    cos_then_sin = model.time_embedding(delays)  # [2n, dim/2]
+    t_cond = torch.cat([cos_then_sin[:n], cos_then_sin[n:]], dim=-1)  # [n, dim]
     return t_cond[:, None, :]
 
 
