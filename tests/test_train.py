@@ -52,8 +52,11 @@ def test_run_folder_loss_falls_and_periodic_eval(tmp_path):
         assert (last / name).is_file(), name
     assert json.loads((last / "trainer_state.json").read_text())["step"] == 6
     assert "train:" in (run_dir / "config.yaml").read_text()
-    report = json.loads((run_dir / "eval" / "report.json").read_text())
-    assert len(report["utterances"]) == 8 and result.final_wer == report["wer_norm"]
+    report = json.loads((run_dir / "eval" / "report.json").read_text())  # the voxtral-eval report
+    assert report["settings"]["manifest"] == "bundled:eval" and report["models"][0]["n_utterances"] == 8
+    assert result.final_wer == report["models"][0]["delays"][0]["wer_norm"]
+    assert len((run_dir / "eval" / "errors.jsonl").read_text().splitlines()) == 8
+    assert (run_dir / "eval" / "wer_vs_delay.png").is_file()
     assert (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "final" / "tekken.json").is_file()
     assert "training loss" in (run_dir / "summary.md").read_text()
 

@@ -80,7 +80,8 @@ def decode_utterances(model, tokenizer: StreamingTokenizer, utterances: Sequence
 @torch.no_grad()
 def evaluate_model(model, tokenizer: StreamingTokenizer, utterances: Sequence[Utterance],
                    delays_ms: Sequence[int] = (protocol.DEFAULT_DELAY_MS,), out_dir: str | Path | None = None,
-                   batch_size: int = 8, name: str = "model", progress: bool = True) -> dict[str, Any]:
+                   batch_size: int = 8, name: str = "model", progress: bool = True,
+                   manifest: str | None = None) -> dict[str, Any]:
     """Decode `utterances` at each delay and score them; write a report into `out_dir` when given.
 
     Returns {"model", "n_utterances", "delays": [per-delay summary: wer_raw, wer_norm, cer_raw, cer_norm,
@@ -112,7 +113,7 @@ def evaluate_model(model, tokenizer: StreamingTokenizer, utterances: Sequence[Ut
     finally:
         model.train(was_training)
     if out_dir is not None:
-        write_report(out_dir, [result], {"delays_ms": [int(d) for d in delays_ms]})
+        write_report(out_dir, [result], {"manifest": manifest, "delays_ms": [int(d) for d in delays_ms]})
     return result
 
 

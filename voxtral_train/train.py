@@ -11,7 +11,6 @@ ranks agree), `version_base=None`, `hydra.job.chdir=false`, and only the main pr
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -43,12 +42,13 @@ from voxtral_train.checkpoint import (
 from voxtral_train.config import ConfigError, OptimSettings, Settings, settings_from_dict, settings_to_dict
 from voxtral_train.data import DelaySampler, LengthBucketSampler, StreamingDataset, collate
 from voxtral_train.decode import greedy_decode
+from voxtral_train.evaluate import evaluate_model
 from voxtral_train.loss import STAT_NAMES, backward_scale, streaming_loss_sums, summarize, target_weights
 from voxtral_train.manifest import Utterance, bundled_manifest_path, read_manifest
 from voxtral_train.metrics import score_utterance
 from voxtral_train.metrics import summarize as summarize_scores
 from voxtral_train.metrics_log import MetricsLogger
-from voxtral_train.model import load_model
+from voxtral_train.model import compile_layers, load_model
 from voxtral_train.schedule import build_scheduler
 from voxtral_train.tokenizer import StreamingTokenizer
 from voxtral_train.trainable import apply_trainable_policy, enable_gradient_checkpointing, parameter_table, save_trainable
@@ -310,6 +310,8 @@ def train(settings: Settings) -> RunResult:
     model = apply_trainable_policy(model, settings.peft)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if t.compile:
+        compile_layers(model)
     say(parameter_table(model))
 
     # 3. Data: bucketed micro-batches sharded by rank (the DataLoader stays on CPU), a fixed held-out list --------
@@ -484,25 +486,23 @@ def rank_checksums(accelerator: Accelerator, model: torch.nn.Module, zero_stage:
 
 def final_eval(model: torch.nn.Module, accelerator: Accelerator, tokenizer: StreamingTokenizer, settings: Settings,
                run_dir: Path, step: int, logger: MetricsLogger) -> float:
-    """Decode the whole train manifest (the demo's memorisation check) or the held-out one at the first delay;
-    write `<run>/eval/report.json`. Every rank decodes (ZeRO-3 needs them all); the main process writes."""
+    """Decode the whole train manifest (the demo's memorisation check) or the held-out one at the configured delays,
+    with the same evaluation and report as `voxtral-eval` (`<run>/eval/`: report.json/md, errors.jsonl, plots).
+    Every rank decodes (ZeRO-3 gathers parameters collectively); the main process writes."""
     split = settings.data.final_eval_split
     spec = settings.data.train_manifest if split == "train" else settings.data.eval_manifest
-    dataset = StreamingDataset(manifest_rows(spec), tokenizer, DelaySampler.fixed(settings.data.delays_ms[0]),
-                               anchor=settings.data.anchor, max_seconds=settings.data.max_seconds)
-    summary, scores = decode_wer(model, tokenizer, dataset, eval_batches(dataset, settings.data.max_positions_per_batch),
-                                 accelerator.device)
-    if accelerator.is_main_process:
-        (run_dir / "eval").mkdir(exist_ok=True)
-        report = {"manifest": spec, "delay_ms": settings.data.delays_ms[0], "step": step, **summary,
-                  "utterances": [{"id": s.id, "reference": s.reference, "hypothesis": s.hypothesis} for s in scores]}
-        (run_dir / "eval" / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    logger.log(step, {key: value for key, value in summary.items() if value is not None}, split=f"final_{split}")
-    accelerator.print(f"final evaluation, {split} manifest ({len(scores)} clips): WER {100 * summary['wer_norm']:.1f}% "
-                      f"(normalised), {100 * summary['wer_raw']:.1f}% (raw); report in {run_dir / 'eval'}")
-    for score in scores[:3]:
-        accelerator.print(f"  ref: {score.reference}\n  hyp: {score.hypothesis}")
-    return summary["wer_norm"]
+    report = evaluate_model(model, tokenizer, manifest_rows(spec), settings.data.delays_ms,
+                            out_dir=run_dir / "eval" if accelerator.is_main_process else None,
+                            name=settings.train.name, progress=accelerator.is_main_process, manifest=spec)
+    first = report["delays"][0]
+    logger.log(step, {key: value for key, value in first.items() if isinstance(value, (int, float))},
+               split=f"final_{split}")
+    accelerator.print(f"final evaluation, {split} manifest ({report['n_utterances']} clips) at {first['delay_ms']} ms: "
+                      f"WER {100 * first['wer_norm']:.1f}% (normalised), {100 * first['wer_raw']:.1f}% (raw); "
+                      f"report in {run_dir / 'eval'}")
+    for row in report["utterances"][:3]:
+        accelerator.print(f"  ref: {row['reference']}\n  hyp: {row['hypothesis']}")
+    return first["wer_norm"]
 
 
 def write_summary(run_dir: Path, settings: Settings, state: TrainerState, losses: list[float],
@@ -519,10 +519,14 @@ def write_summary(run_dir: Path, settings: Settings, state: TrainerState, losses
         lines.append(f"- training loss: {losses[0]:.4f} (first step) -> {losses[-1]:.4f} (last step)")
     if final_wer is not None:
         lines.append(f"- final WER on the {settings.data.final_eval_split} manifest: {100 * final_wer:.1f}% "
-                     f"(report: `eval/report.json`)")
+                     f"([report](eval/report.md), [per utterance](eval/errors.jsonl))")
     if stopped:
         lines.append(f"- **stopped early**: {stopped}")
-    lines += ["", "Files: `config.yaml` (resolved settings), `metrics.jsonl`, `checkpoints/step_NNNNNN/`, "
+    if final_wer is not None:
+        lines += ["", "![WER vs delay](eval/wer_vs_delay.png) ![latency](eval/latency_hist.png)"]
+    lines += ["", "Training curves: `voxtral-train plot " + str(run_dir) + "` draws [loss](plots/loss.png), "
+              "[learning rate](plots/lr.png) and [eval WER](plots/wer.png).",
+              "", "Files: `config.yaml` (resolved settings), `metrics.jsonl`, `checkpoints/step_NNNNNN/`, "
               "`final/` (weights to export), `tensorboard/`.", ""]
     (run_dir / "summary.md").write_text("\n".join(lines))
 
@@ -559,7 +563,22 @@ def train_command(overrides: list[str]) -> int:
 
 
 # Subcommands of `voxtral-train`; without one, the arguments are training overrides.
-SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"train": train_command}
+def plan_command(overrides: list[str]) -> int:
+    """`voxtral-train plan [overrides]`: estimated per-GPU memory of the configured run (voxtral_train.memory_plan)."""
+    from voxtral_train.memory_plan import main_plan
+
+    main_plan(overrides)
+    return 0
+
+
+def plot_command(argv: list[str]) -> int:
+    from voxtral_train.plots import plot_command as plot
+
+    return plot(argv)
+
+
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"train": train_command, "plan": plan_command,
+                                                      "plot": plot_command}
 
 
 def main(argv: list[str] | None = None) -> int:
