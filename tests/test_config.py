@@ -107,3 +107,11 @@ def test_command_line_typos_stop_with_the_key():
     with pytest.raises(ConfigError, match=r"optim\.lr: must be > 0"):
         compose_settings(["optim.lr=-1"])
     assert compose_settings(["peft=lora", "optim.lr=3e-4"]).optim.lr == 3e-4
+
+
+def test_delay_weights_must_match_the_delays():
+    from voxtral_train.config import ConfigError, settings_from_dict
+
+    with pytest.raises(ConfigError, match="data.delay_weights"):
+        settings_from_dict({"data": {"delays_ms": [240, 480], "delay_weights": [1.0]}})
+    assert settings_from_dict({"data": {"delays_ms": [240, 480], "delay_weights": [3, 1]}}).data.delay_weights == [3, 1]

@@ -30,6 +30,7 @@ class DataSettings:
     train_manifest: str = "bundled:train"  # JSONL manifest path, or bundled:train / bundled:eval (espeak-ng set)
     eval_manifest: str | None = "bundled:eval"  # held-out manifest for periodic eval; null = none
     delays_ms: list[int] = field(default_factory=lambda: [480])  # delays sampled per utterance (80 ms multiples)
+    delay_weights: list[float] | None = None  # relative weight of each of delays_ms; null = equally likely
     anchor: Literal["end", "start"] = "end"  # a word's slot counts from its end (released model) or its start
     max_seconds: float = 30.0  # longer utterances are skipped
     max_positions_per_batch: int = 2048  # micro-batch size in 80 ms positions (padding included), per process
@@ -137,6 +138,9 @@ def value_problems(s: Settings) -> list[str]:
         (bool(s.train.name) and "/" not in s.train.name, f"train.name: a folder name without '/', got {s.train.name!r}"),
         (bool(s.data.delays_ms) and all(d > 0 and d % 80 == 0 for d in s.data.delays_ms),
          f"data.delays_ms: positive multiples of 80 ms, got {s.data.delays_ms}"),
+        (s.data.delay_weights is None or (len(s.data.delay_weights) == len(s.data.delays_ms)
+                                          and all(w >= 0 for w in s.data.delay_weights) and sum(s.data.delay_weights) > 0),
+         f"data.delay_weights: one non-negative weight per delay of data.delays_ms, got {s.data.delay_weights}"),
         (s.data.max_seconds > 0, f"data.max_seconds: must be > 0, got {s.data.max_seconds}"),
         (s.data.max_positions_per_batch > 0, f"data.max_positions_per_batch: must be > 0, got {s.data.max_positions_per_batch}"),
         (s.data.num_workers >= 0, f"data.num_workers: must be >= 0, got {s.data.num_workers}"),

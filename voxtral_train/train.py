@@ -319,7 +319,7 @@ def train(settings: Settings) -> RunResult:
         return StreamingDataset(manifest_rows(spec), tokenizer, delays, anchor=settings.data.anchor,
                                 max_seconds=settings.data.max_seconds, seed=t.seed)
 
-    train_set = dataset(settings.data.train_manifest, DelaySampler.choices(settings.data.delays_ms))
+    train_set = dataset(settings.data.train_manifest, DelaySampler.choices(settings.data.delays_ms, settings.data.delay_weights))
     sampler = LengthBucketSampler(train_set.lengths_in_positions(), settings.data.max_positions_per_batch,
                                   seed=t.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     # Its own generator: each new DataLoader iterator draws a seed, which must not move the global RNG (dropout),
