@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from voxtral_train import protocol
 from voxtral_train.audio import load_audio
-from voxtral_train.decode import Decoded, greedy_decode
+from voxtral_train.decode import Decoded, decode_threads, greedy_decode
 from voxtral_train.features import log_mel, pad_audio, silence_value
 from voxtral_train.manifest import Utterance, read_manifest
 from voxtral_train.metrics import score_utterance, summarize, summarize_by_language
@@ -56,7 +56,14 @@ def _stack(features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
 def decode_utterances(model, tokenizer: StreamingTokenizer, utterances: Sequence[Utterance], delay_tokens: int,
                       batch_size: int = 8, progress: bool = True, label: str = "") -> tuple[list[Decoded], float, float]:
     """Decode every utterance at one delay. Returns (decoded in input order, audio seconds, wall seconds).
-    Utterances are batched by length, so a batch's samples finish at about the same step."""
+    Utterances are batched by length, so a batch's samples finish at about the same step. Feature extraction and
+    decoding share `decode_threads` (one thread for small models on CPU)."""
+    with decode_threads(model):
+        return _decode_utterances(model, tokenizer, utterances, delay_tokens, batch_size, progress, label)
+
+
+def _decode_utterances(model, tokenizer: StreamingTokenizer, utterances: Sequence[Utterance], delay_tokens: int,
+                       batch_size: int, progress: bool, label: str) -> tuple[list[Decoded], float, float]:
     device = next(model.parameters()).device
     audio = [load_audio(u.audio, u.offset, u.end) for u in utterances]
     order = sorted(range(len(audio)), key=lambda i: len(audio[i]))
