@@ -100,3 +100,23 @@ def test_non_finite_loss_stops_and_keeps_the_previous_checkpoint(tmp_path):
     assert [p.name for p in complete_checkpoints(tmp_path / "blowup" / "checkpoints")] == ["step_000001"]
     assert not (tmp_path / "blowup" / "final").exists()
     assert "stopped early" in (tmp_path / "blowup" / "summary.md").read_text()
+
+
+def test_audio_embedding_cache_trains_identically(tmp_path):
+    """Plain LoRA over two epochs of the 8 eval clips: the cached run reads the encoder's output back from disk in
+    the second epoch and gives the same losses as the uncached run."""
+    common = ["peft=lora", "peft.dropout=0.0", "data.train_manifest=bundled:eval", "data.eval_manifest=null",
+              "train.max_steps=6", "optim.lr=3e-3", "train.save_every=0", "data.delays_ms=[240,480,960]"]
+    plain = run(tmp_path, "train.name=plain", *common)
+    cached = run(tmp_path, "train.name=cached", *common, "data.audio_embedding_cache=true")
+    assert cached.losses == pytest.approx(plain.losses, rel=1e-5, abs=1e-6)
+    shards = list((tmp_path / "audio_embedding_cache").rglob("*.safetensors"))
+    assert shards, "the cache wrote nothing"
+
+
+def test_audio_embedding_cache_refuses_a_trained_encoder(tmp_path):
+    from voxtral_train.embedding_cache import EmbeddingCacheError
+
+    with pytest.raises(EmbeddingCacheError):
+        run(tmp_path, "train.name=bad", "peft=lora_unfreeze_encoder", "data.audio_embedding_cache=true",
+            "train.max_steps=1")

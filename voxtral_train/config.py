@@ -35,6 +35,8 @@ class DataSettings:
     max_seconds: float = 30.0  # longer utterances are skipped
     max_positions_per_batch: int = 2048  # micro-batch size in 80 ms positions (padding included), per process
     num_workers: int = 0  # DataLoader worker processes
+    audio_embedding_cache: bool = False  # plain LoRA only: run the frozen encoder once per clip, reuse it every epoch
+    audio_embedding_cache_dir: str | None = None  # null = <train.output_root>/audio_embedding_cache (shared by runs)
     final_eval_split: Literal["train", "eval", "none"] = "train"  # decoded at the end: train = memorisation check
 
 

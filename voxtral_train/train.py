@@ -42,6 +42,7 @@ from voxtral_train.checkpoint import (
 from voxtral_train.config import ConfigError, OptimSettings, Settings, settings_from_dict, settings_to_dict
 from voxtral_train.data import DelaySampler, LengthBucketSampler, StreamingDataset, collate
 from voxtral_train.decode import greedy_decode
+from voxtral_train.embedding_cache import AudioEmbeddingCache
 from voxtral_train.evaluate import evaluate_model
 from voxtral_train.loss import STAT_NAMES, backward_scale, streaming_loss_sums, summarize, target_weights
 from voxtral_train.manifest import Utterance, bundled_manifest_path, read_manifest
@@ -74,15 +75,16 @@ class StreamingLM(torch.nn.Module):
         self.pad_id = pad_id
         self.train_settings = settings.train
 
-    def forward(self, input_features, input_ids, labels, num_delay_tokens,
+    def forward(self, input_ids, labels, num_delay_tokens, input_features=None, audio_embeds=None,
                 min_chunks: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
         embeddings = base.get_input_embeddings()
+        if audio_embeds is not None:  # frozen-encoder cache (voxtral_train.embedding_cache): skip the encoder
+            audio = {"inputs_embeds": embeddings(input_ids) + audio_embeds.to(embeddings.weight.dtype)}
+        else:
+            audio = {"input_ids": input_ids, "input_features": input_features.to(embeddings.weight.dtype)}
         hidden = base.model(  # final hidden states [B, P, D]; the logits are made in chunks by the loss
-            input_ids=input_ids,
-            input_features=input_features.to(embeddings.weight.dtype),
-            num_delay_tokens=num_delay_tokens,
-            use_cache=False,
+            **audio, num_delay_tokens=num_delay_tokens, use_cache=False,
         ).last_hidden_state
         t = self.train_settings
         sums = streaming_loss_sums(hidden, base.lm_head, labels, self.pad_id, pad_weight=t.pad_loss_weight,
@@ -160,21 +162,15 @@ def to_device(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
 
 def zero3_inputs(accelerator: Accelerator, batches: list[dict], chunk_positions: int, zero_stage: int) -> list[dict]:
     """Model inputs of `batches`. Under ZeRO-3 every rank must call the same modules equally often (parameters are
-    gathered collectively, in a recorded order), but the per-sample delay conditioning and the loss chunks depend on
-    the batch: so each micro-batch is padded to the largest batch size across ranks with unscored copies of its last
-    row, and told the largest number of loss chunks."""
+    gathered collectively, in a recorded order), but the number of loss chunks depends on the batch: each micro-batch
+    is told the largest number of loss chunks across ranks."""
     inputs = [to_device(b, accelerator.device) for b in batches]
     if zero_stage != 3:
         return inputs
-    local = torch.tensor([[b["labels"].shape[0], math.ceil((b["labels"] != -100).sum().item() / chunk_positions)]
-                          for b in inputs], device=accelerator.device)
-    common = accelerator.gather(local[None]).amax(dim=0).tolist()  # [n_batches, 2]: max over ranks
-    for item, (rows, chunks) in zip(inputs, common):
-        extra = rows - item["labels"].shape[0]
-        for key in MODEL_INPUTS:
-            item[key] = torch.cat([item[key], item[key][-1:].repeat_interleave(extra, dim=0)])
-        if extra:
-            item["labels"][-extra:] = -100
+    local = torch.tensor([math.ceil((b["labels"] != -100).sum().item() / chunk_positions) for b in inputs],
+                         device=accelerator.device)
+    common = accelerator.gather(local[None]).amax(dim=0).tolist()  # [n_batches]: max over ranks
+    for item, chunks in zip(inputs, common):
         item["min_chunks"] = chunks
     return inputs
 
@@ -329,6 +325,10 @@ def train(settings: Settings) -> RunResult:
     fixed_delay = DelaySampler.fixed(settings.data.delays_ms[0])  # evaluation uses one delay
     held_out = dataset(settings.data.eval_manifest, fixed_delay) if settings.data.eval_manifest else None
     held_out_batches = eval_batches(held_out, settings.data.max_positions_per_batch) if held_out else []
+    audio_cache = None
+    if settings.data.audio_embedding_cache:  # refuses by itself when the encoder or adapter trains
+        cache_dir = settings.data.audio_embedding_cache_dir or str(Path(t.output_root) / "audio_embedding_cache")
+        audio_cache = AudioEmbeddingCache(cache_dir, model, train_set.delay_sampler.max_tokens)
     say(f"data: {len(train_set)} training items, {len(sampler)} micro-batches per epoch per process, "
         f"{len(held_out) if held_out else 0} held-out items")
 
@@ -402,6 +402,10 @@ def train(settings: Settings) -> RunResult:
         inputs = zero3_inputs(accelerator, [b for _, _, b in window], t.loss_chunk_positions,
                               settings.deepspeed.zero_stage)
         for (_, _, batch), batch_inputs in zip(window, inputs):
+            if audio_cache is not None:  # computed on the first epoch, read back on later ones
+                batch_inputs["audio_embeds"] = audio_cache.embeddings_for(
+                    batch["input_features"], batch["n_positions"], batch["num_delay_tokens"])
+                del batch_inputs["input_features"]
             with accelerator.accumulate(wrapped):
                 weighted, stats = wrapped(**batch_inputs)
                 if any_rank(accelerator, not torch.isfinite(weighted).item()):
