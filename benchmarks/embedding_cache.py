@@ -27,19 +27,13 @@ from voxtral_train.data import DelaySampler, LengthBucketSampler, StreamingDatas
 from voxtral_train.embedding_cache import AudioEmbeddingCache, cached_model_inputs, inner_model
 from voxtral_train.loss import streaming_loss_sums
 from voxtral_train.manifest import bundled_manifest_path, read_manifest
-from voxtral_train.model import _config
+from voxtral_train.model import scaled_config
 from voxtral_train.patches import apply_training_fixes
 from voxtral_train.tokenizer import StreamingTokenizer
 from voxtral_train.trainable import PeftSettings, apply_trainable_policy
 
 DELAYS_MS = (480, 960)
 MAX_POSITIONS_PER_BATCH = 768
-
-
-def scaled_config() -> VoxtralRealtimeConfig:
-    """The real model's proportions at 1/4 width (dims 320/768 like 1280/3072), CPU-benchmark size (66 M)."""
-    return _config(enc_dim=320, enc_layers=8, enc_heads=8, enc_head_dim=64, enc_ffn=1280, dec_dim=768,
-                   dec_layers=6, dec_heads=8, dec_kv_heads=2, dec_head_dim=128, dec_ffn=2304, vocab_size=8192)
 
 
 def scaled_lora_model(seed: int = 0) -> torch.nn.Module:

@@ -25,14 +25,14 @@ import torch
 
 from voxtral_train.loss import streaming_loss_sums
 from voxtral_train.memory_plan import plan_memory
-from voxtral_train.model import _config, tiny_config
+from voxtral_train.model import architecture_config, tiny_config
 from voxtral_train.patches import apply_training_fixes
 from voxtral_train.trainable import PeftSettings, apply_trainable_policy, enable_gradient_checkpointing
 
 DELAY_TOKENS = 6
 SIZES = {
     "tiny": tiny_config,
-    "mid": lambda: _config(enc_dim=256, enc_layers=4, enc_heads=4, enc_head_dim=64, enc_ffn=1024, dec_dim=512,
+    "mid": lambda: architecture_config(enc_dim=256, enc_layers=4, enc_heads=4, enc_head_dim=64, enc_ffn=1024, dec_dim=512,
                            dec_layers=4, dec_heads=8, dec_kv_heads=2, dec_head_dim=64, dec_ffn=1536, vocab_size=8192),
 }
 

@@ -27,8 +27,9 @@ class ModelLoadError(ValueError):
     pass
 
 
-def _config(*, enc_dim: int, enc_layers: int, enc_heads: int, enc_head_dim: int, enc_ffn: int, dec_dim: int,
-            dec_layers: int, dec_heads: int, dec_kv_heads: int, dec_head_dim: int, dec_ffn: int, vocab_size: int) -> VoxtralRealtimeConfig:
+def architecture_config(*, enc_dim: int, enc_layers: int, enc_heads: int, enc_head_dim: int, enc_ffn: int,
+                        dec_dim: int, dec_layers: int, dec_heads: int, dec_kv_heads: int, dec_head_dim: int,
+                        dec_ffn: int, vocab_size: int) -> VoxtralRealtimeConfig:
     """The architecture with its fixed facts (SPEC.md) filled in; only the sizes vary."""
     return VoxtralRealtimeConfig(
         audio_config={
@@ -66,14 +67,24 @@ def _config(*, enc_dim: int, enc_layers: int, enc_heads: int, enc_head_dim: int,
 
 def voxtral_mini_4b_config() -> VoxtralRealtimeConfig:
     """The released Voxtral Mini 4B Realtime 2602 (4.43 B parameters)."""
-    return _config(enc_dim=1280, enc_layers=32, enc_heads=32, enc_head_dim=64, enc_ffn=5120, dec_dim=3072,
-                   dec_layers=26, dec_heads=32, dec_kv_heads=8, dec_head_dim=128, dec_ffn=9216, vocab_size=131072)
+    return architecture_config(enc_dim=1280, enc_layers=32, enc_heads=32, enc_head_dim=64, enc_ffn=5120,
+                               dec_dim=3072, dec_layers=26, dec_heads=32, dec_kv_heads=8, dec_head_dim=128,
+                               dec_ffn=9216, vocab_size=131072)
+
+
+def scaled_config() -> VoxtralRealtimeConfig:
+    """The real proportions at 1/4 width (1280/3072 -> 320/768), 66 M parameters: CPU benchmarks whose encoder:decoder
+    cost ratio matches the released model's."""
+    return architecture_config(enc_dim=320, enc_layers=8, enc_heads=8, enc_head_dim=64, enc_ffn=1280, dec_dim=768,
+                               dec_layers=6, dec_heads=8, dec_kv_heads=2, dec_head_dim=128, dec_ffn=2304,
+                               vocab_size=8192)
 
 
 def tiny_config(vocab_size: int = 2000) -> VoxtralRealtimeConfig:
     """Demo size "S" of DEMO_NOTES.md (0.74 M parameters + embeddings): learns the bundled set in about a minute."""
-    return _config(enc_dim=64, enc_layers=2, enc_heads=4, enc_head_dim=16, enc_ffn=256, dec_dim=128,
-                   dec_layers=2, dec_heads=4, dec_kv_heads=2, dec_head_dim=32, dec_ffn=384, vocab_size=vocab_size)
+    return architecture_config(enc_dim=64, enc_layers=2, enc_heads=4, enc_head_dim=16, enc_ffn=256, dec_dim=128,
+                               dec_layers=2, dec_heads=4, dec_kv_heads=2, dec_head_dim=32, dec_ffn=384,
+                               vocab_size=vocab_size)
 
 
 def load_model(
