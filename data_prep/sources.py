@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from data_prep.validate import Reject, SourceRow
-from voxtral_train.manifest import ManifestError, utterance_from_json
+from voxtral_train.manifest import ManifestError, jsonl_objects, utterance_from_json
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aiff", ".aif", ".w64", ".caf")
 TRANSCRIPT_SUFFIXES = (".txt", ".lab")
@@ -80,16 +80,10 @@ def from_table(path: Path) -> Iterator[Row]:
             for lineno, obj in enumerate(reader, 2):
                 yield _from_mapping(obj, path.parent, f"{path}:{lineno}")
         return
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield Reject("bad_row", f"{where}: invalid JSON ({err})", {"line": line.rstrip("\n")})
-                continue
+    for where, line, obj in jsonl_objects(path):
+        if isinstance(obj, json.JSONDecodeError):
+            yield Reject("bad_row", f"{where}: invalid JSON ({obj})", {"line": line})
+        else:
             yield _from_mapping(obj, path.parent, where)
 
 

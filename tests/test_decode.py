@@ -11,15 +11,6 @@ from voxtral_train.manifest import Word
 from voxtral_train.targets import build_targets, prompt_ids
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Decoding runs one position at a time: tiny ops, where a second thread only adds contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def lively():
     """The tiny model with larger random weights: its output varies with audio and input tokens (the default

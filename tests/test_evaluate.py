@@ -24,14 +24,6 @@ def clips():
     return read_manifest(bundled_manifest_path("eval"))[:3]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _assert_png(path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

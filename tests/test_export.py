@@ -13,21 +13,12 @@ from safetensors.torch import load_file, save_file
 from voxtral_train import checks, export
 from voxtral_train import mistral_format as mf
 from voxtral_train.model import load_model
-from voxtral_train.trainable import save_trainable
-
-DECODER_LORA = r".*language_model\.(model\.)?layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-
-
-def tiny_logits(model) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    n_positions = 5
-    ids = torch.randint(0, model.config.text_config.vocab_size, (1, n_positions), generator=g)
-    features = torch.randn(1, 128, 8 * n_positions, generator=g)
-    with torch.no_grad():
-        return model(input_ids=ids, input_features=features, num_delay_tokens=6, use_cache=False).logits
+from voxtral_train.trainable import DECODER_LORA_REGEX, save_trainable
+from tiny_inputs import tiny_logits
 
 
-def lora_model(target_modules=DECODER_LORA, rank: int = 8):
+
+def lora_model(target_modules=DECODER_LORA_REGEX, rank: int = 8):
     """A fresh tiny base (deterministic weights) wrapped in a LoRA whose B is non-zero, so merging matters."""
     base, tokenizer = load_model("tiny")
     model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=16, target_modules=target_modules))

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from voxtral_train import mistral_format as mf
 from voxtral_train.model import load_model, voxtral_mini_4b_config
+from tiny_inputs import tiny_logits
 
 # The released params.json (public copies agree key for key); vLLM and mistral-common read it.
 REAL_PARAMS = {
@@ -34,15 +35,6 @@ REAL_PARAMS = {
 def tiny():
     model, tokenizer = load_model("tiny")
     return model.eval(), tokenizer
-
-
-def tiny_logits(model) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    n_positions = 5
-    ids = torch.randint(0, model.config.text_config.vocab_size, (1, n_positions), generator=g)
-    features = torch.randn(1, 128, 8 * n_positions, generator=g)
-    with torch.no_grad():
-        return model(input_ids=ids, input_features=features, num_delay_tokens=6, use_cache=False).logits
 
 
 # ---------------------------------------------------------------------------------------------------------------

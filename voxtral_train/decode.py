@@ -116,20 +116,8 @@ def decode_threads(model):
         torch.set_num_threads(previous)
 
 
-def greedy_decode(
-    model,
-    tokenizer: StreamingTokenizer,
-    input_features: torch.Tensor,
-    n_positions: torch.Tensor | list[int],
-    delay_tokens: int | torch.Tensor | list[int],
-) -> list[Decoded]:
-    """Greedy decode a batch (see `_greedy_decode`)."""
-    with decode_threads(model):
-        return _greedy_decode(model, tokenizer, input_features, n_positions, delay_tokens)
-
-
 @torch.no_grad()
-def _greedy_decode(
+def greedy_decode(
     model,
     tokenizer: StreamingTokenizer,
     input_features: torch.Tensor,
@@ -140,55 +128,56 @@ def _greedy_decode(
     delay_tokens an int or [B]. Samples with different delays have different prompt lengths: all samples
     run in lock-step on the same positions, and a sample whose prompt is longer is fed its prompt token
     there instead of its own emission, so no padding ever enters the cache."""
-    batch = input_features.shape[0]
-    delays = _as_delays(delay_tokens, batch)
-    lengths = [int(n) for n in torch.as_tensor(n_positions).reshape(-1).tolist()]
-    prompt_lens = [protocol.prompt_length(d) for d in delays]
-    for b, (n, l) in enumerate(zip(lengths, prompt_lens)):
-        if n < l:
-            raise ValueError(f"sample {b}: {n} positions is shorter than its prompt ({l} at delay {delays[b]})")
-    device = input_features.device
-    features = input_features.to(device=device, dtype=model.dtype)
-    audio = model.get_audio_features(input_features=features).pooler_output  # [B, P_max, D]
-    if audio.shape[1] < max(lengths):
-        raise ValueError(f"features cover {audio.shape[1]} positions, n_positions asks for {max(lengths)}")
-    forced = torch.full((batch, max(prompt_lens)), tokenizer.ids.streaming_pad, dtype=torch.long, device=device)
-    forced[:, 0] = tokenizer.ids.bos
-    emitted: list[list[int]] = [[] for _ in range(batch)]
-    active = torch.arange(batch, device=device)  # samples still decoding, in cache order
-    delay_t = torch.tensor(delays, device=device)
-    embed = model.get_input_embeddings()
-    cache = DynamicCache(config=model.config.text_config)
+    with decode_threads(model):  # one thread for small models on CPU
+        batch = input_features.shape[0]
+        delays = _as_delays(delay_tokens, batch)
+        lengths = [int(n) for n in torch.as_tensor(n_positions).reshape(-1).tolist()]
+        prompt_lens = [protocol.prompt_length(d) for d in delays]
+        for b, (n, l) in enumerate(zip(lengths, prompt_lens)):
+            if n < l:
+                raise ValueError(f"sample {b}: {n} positions is shorter than its prompt ({l} at delay {delays[b]})")
+        device = input_features.device
+        features = input_features.to(device=device, dtype=model.dtype)
+        audio = model.get_audio_features(input_features=features).pooler_output  # [B, P_max, D]
+        if audio.shape[1] < max(lengths):
+            raise ValueError(f"features cover {audio.shape[1]} positions, n_positions asks for {max(lengths)}")
+        forced = torch.full((batch, max(prompt_lens)), tokenizer.ids.streaming_pad, dtype=torch.long, device=device)
+        forced[:, 0] = tokenizer.ids.bos
+        emitted: list[list[int]] = [[] for _ in range(batch)]
+        active = torch.arange(batch, device=device)  # samples still decoding, in cache order
+        delay_t = torch.tensor(delays, device=device)
+        embed = model.get_input_embeddings()
+        cache = DynamicCache(config=model.config.text_config)
 
-    def step(tokens: torch.Tensor, start: int) -> torch.Tensor:
-        """Run positions [start, start + tokens.shape[1]) for the active samples; argmax of the last one."""
-        embeds = embed(tokens) + audio[active, start : start + tokens.shape[1]]
-        out = model(inputs_embeds=embeds, cache=cache, use_cache=True, num_delay_tokens=delay_t[active],
-                     logits_to_keep=1)
-        return out.logits[:, -1].argmax(-1)
+        def step(tokens: torch.Tensor, start: int) -> torch.Tensor:
+            """Run positions [start, start + tokens.shape[1]) for the active samples; argmax of the last one."""
+            embeds = embed(tokens) + audio[active, start : start + tokens.shape[1]]
+            out = model(inputs_embeds=embeds, cache=cache, use_cache=True, num_delay_tokens=delay_t[active],
+                         logits_to_keep=1)
+            return out.logits[:, -1].argmax(-1)
 
-    first = min(prompt_lens)
-    prediction = step(forced[:, :first], 0)  # x_first for every sample
-    for p in range(first, max(lengths) + 1):
-        # `prediction[i]` is x_p of sample active[i]: an emission once past that sample's prompt.
-        keep = []
-        for i, (b, token) in enumerate(zip(active.tolist(), prediction.tolist())):  # one device sync per step
-            if p < prompt_lens[b]:
-                keep.append(i)
-                continue
-            emitted[b].append(token)
-            if token != tokenizer.ids.eos and p < lengths[b]:  # x_{P_b} is the last token with audio behind it
-                keep.append(i)
-        if not keep:
-            break
-        if len(keep) < len(active):
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            active, prediction = active[index], prediction[index]
-        prompt_token = forced[active, min(p, forced.shape[1] - 1)]
-        in_prompt = torch.tensor([p < prompt_lens[b] for b in active.tolist()], device=device)
-        prediction = step(torch.where(in_prompt, prompt_token, prediction)[:, None], p)
-    return [_decoded(tokenizer, emitted[b], delays[b]) for b in range(batch)]
+        first = min(prompt_lens)
+        prediction = step(forced[:, :first], 0)  # x_first for every sample
+        for p in range(first, max(lengths) + 1):
+            # `prediction[i]` is x_p of sample active[i]: an emission once past that sample's prompt.
+            keep = []
+            for i, (b, token) in enumerate(zip(active.tolist(), prediction.tolist())):  # one device sync per step
+                if p < prompt_lens[b]:
+                    keep.append(i)
+                    continue
+                emitted[b].append(token)
+                if token != tokenizer.ids.eos and p < lengths[b]:  # x_{P_b} is the last token with audio behind it
+                    keep.append(i)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                active, prediction = active[index], prediction[index]
+            prompt_token = forced[active, min(p, forced.shape[1] - 1)]
+            in_prompt = torch.tensor([p < prompt_lens[b] for b in active.tolist()], device=device)
+            prediction = step(torch.where(in_prompt, prompt_token, prediction)[:, None], p)
+        return [_decoded(tokenizer, emitted[b], delays[b]) for b in range(batch)]
 
 
 def _decoded(tokenizer: StreamingTokenizer, token_ids: list[int], delay_tokens: int) -> Decoded:

@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 TIMING_SOURCES = ("manifest", "self_align", "ctc_align", "heuristic", "espeak")
 _ASSETS = Path(__file__).resolve().parent / "assets" / "speech"
@@ -124,20 +124,27 @@ def utterance_from_json(row: dict[str, Any], base: Path, where: str) -> Utteranc
     )
 
 
-def read_manifest(path: str | os.PathLike) -> list[Utterance]:
-    """All rows of a JSONL manifest; raises ManifestError naming the line and key of the first bad row."""
-    path = Path(path)
-    rows = []
+def jsonl_objects(path: Path) -> Iterator[tuple[str, str, Any]]:
+    """(`file:line`, the raw line, its parsed object or the JSONDecodeError) for each non-blank line of a JSONL file."""
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ManifestError(f"{where}: invalid JSON ({err})") from None
-            rows.append(utterance_from_json(obj, path.parent, where))
+                obj = err
+            yield f"{path}:{lineno}", line.rstrip("\n"), obj
+
+
+def read_manifest(path: str | os.PathLike) -> list[Utterance]:
+    """All rows of a JSONL manifest; raises ManifestError naming the line and key of the first bad row."""
+    path = Path(path)
+    rows = []
+    for where, _, obj in jsonl_objects(path):
+        if isinstance(obj, json.JSONDecodeError):
+            raise ManifestError(f"{where}: invalid JSON ({obj})")
+        rows.append(utterance_from_json(obj, path.parent, where))
     return rows
 
 
