@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from transformers import VoxtralRealtimeForConditionalGeneration

@@ -3,7 +3,6 @@
 import pytest
 import torch
 from peft import PeftModel
-from transformers import VoxtralRealtimeForConditionalGeneration
 from transformers.models.voxtral_realtime.modeling_voxtral_realtime import VoxtralRealtimeModel
 
 from voxtral_train import protocol

@@ -41,13 +41,10 @@ from voxtral_train.checkpoint import (
 )
 from voxtral_train.config import ConfigError, OptimSettings, Settings, settings_from_dict, settings_to_dict
 from voxtral_train.data import DelaySampler, LengthBucketSampler, StreamingDataset, collate
-from voxtral_train.decode import greedy_decode
 from voxtral_train.embedding_cache import AudioEmbeddingCache
 from voxtral_train.evaluate import evaluate_model
 from voxtral_train.loss import STAT_NAMES, backward_scale, streaming_loss_sums, summarize, target_weights
 from voxtral_train.manifest import Utterance, bundled_manifest_path, read_manifest
-from voxtral_train.metrics import score_utterance
-from voxtral_train.metrics import summarize as summarize_scores
 from voxtral_train.metrics_log import MetricsLogger
 from voxtral_train.model import compile_layers, load_model
 from voxtral_train.schedule import build_scheduler
@@ -197,23 +194,6 @@ def teacher_forced_eval(model: torch.nn.Module, accelerator: Accelerator, datase
             total += stats * float(counted)
     model.train()
     return summarize(accelerator.reduce(total, "sum").cpu())
-
-
-def decode_wer(model: torch.nn.Module, tokenizer: StreamingTokenizer, dataset: StreamingDataset,
-               batches: list[list[int]], device: torch.device) -> tuple[dict[str, Any], list]:
-    """Greedy streaming decode of `batches` + WER (corpus summary, per-utterance scores). Every rank decodes the
-    same items (ZeRO-3 gathers parameters collectively)."""
-    was_training = model.training
-    model.eval()
-    scores = []
-    for indices in batches:
-        batch = collate([dataset[i] for i in indices])
-        decoded = greedy_decode(model, tokenizer, batch["input_features"].to(device), batch["n_positions"],
-                                batch["num_delay_tokens"])
-        rows = [dataset.utterances[i] for i in indices]
-        scores += [score_utterance(row.id, row.text, d.text, row.language) for row, d in zip(rows, decoded)]
-    model.train(was_training)
-    return summarize_scores(scores), scores
 
 
 def base_model(wrapped: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
@@ -373,15 +353,16 @@ def train(settings: Settings) -> RunResult:
             return
         metrics = teacher_forced_eval(wrapped, accelerator, held_out, held_out_batches, t.loss_chunk_positions,
                                       settings.deepspeed.zero_stage)
-        clips = [list(range(min(t.eval_wer_clips, len(held_out))))]
-        wer, scores = decode_wer(base_model(wrapped, accelerator), tokenizer, held_out, clips, device)
-        metrics["wer"] = wer["wer_norm"]
+        clips = held_out.utterances[: t.eval_wer_clips]
+        report = evaluate_model(base_model(wrapped, accelerator), tokenizer, clips, settings.data.delays_ms[:1],
+                                progress=False)
+        metrics["wer"] = report["delays"][0]["wer_norm"]
         logger.log(state.step, metrics, split="eval")
         note = "  (no text yet: normal early in training)" if metrics["text_accuracy"] < 0.05 else ""
         say(f"\neval step {state.step}: loss {metrics['loss']:.3f}, text accuracy {metrics['text_accuracy']:.2f}, "
-            f"WER {100 * wer['wer_norm']:.1f}% on {len(scores)} clips{note}")
-        for score in scores[:2]:
-            say(f"  ref: {score.reference}\n  hyp: {score.hypothesis}")
+            f"WER {100 * metrics['wer']:.1f}% on {len(clips)} clips{note}")
+        for row in report["utterances"][:2]:
+            say(f"  ref: {row['reference']}\n  hyp: {row['hypothesis']}")
 
     # 6. The loop: one optimizer step per window of `gradient_accumulation_steps` micro-batches -------------------
     batches = micro_batches(loader, sampler, train_set, state.epoch, state.batches_in_epoch)
