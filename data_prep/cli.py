@@ -7,6 +7,7 @@
     voxtral-prep hf saved_dataset/ --split train --out data/hf
     voxtral-prep validate data/mine/manifest.jsonl --out data/mine_checked
     voxtral-prep folder my_clips/ --out data/mine --self-align-model /models/voxtral-realtime
+    voxtral-prep folder my_clips/ --out data/mine --ctc-align-model /models/wav2vec2-base-960h
 
 Writes OUT/manifest.jsonl (kept rows) and OUT/rejects.jsonl (each rejected row with its source, a reason
 code and a message), and prints `kept N, rejected M (reason: count, ...)`.
@@ -51,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="manifest: keep source word timings; heuristic: estimate them where missing; none: drop them")
     p.add_argument("--self-align-model", help="'tiny' or a Voxtral folder: give rows still without word timings the "
                    "timings this checkpoint would emit (self-alignment, any language)")
+    p.add_argument("--ctc-align-model", help="a local character-CTC folder (e.g. a wav2vec2 fine-tuned on the data's "
+                   "language): give rows still without word timings its acoustic word spans (optional extra)")
     p.add_argument("--align-delay-ms", type=int, default=480, help="delay the self-alignment runs the model at")
     p.add_argument("--tokenizer", help="'tiny' or a tekken.json path: reject text it cannot encode")
     p.add_argument("--language", help="language code for rows that have none")
@@ -97,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_model(args.self_align_model)
         n = self_align_utterances(result.kept, model, tokenizer, protocol.delay_ms_to_tokens(args.align_delay_ms))
         print(f"self-aligned {n} rows with {args.self_align_model}")
+    if args.ctc_align_model:
+        from voxtral_train.align import ctc_align_utterances
+
+        n = ctc_align_utterances(result.kept, args.ctc_align_model)
+        print(f"CTC-aligned {n} rows with {args.ctc_align_model}")
     write_manifest(args.out / "manifest.jsonl", result.kept)
     with (args.out / "rejects.jsonl").open("w", encoding="utf-8") as f:
         for r in result.rejects:
