@@ -193,6 +193,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--modes", default="full,lora", help="comma list of full, lora (full runs first)")
     parser.add_argument("--checkpointing", action="store_true", help="force gradient checkpointing")
+    parser.add_argument("--lora-bf16", action="store_true", help="LoRA weights in bf16 (peft.adapter_fp32=false)")
     parser.add_argument("--compile", action="store_true", help="regional torch.compile of every layer (model.compile_layers)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense FLOP/s of the device, in TFLOP/s")
     return parser.parse_args(argv)
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     kernels = attention_kernels()
     for mode in sorted(modes, key=["full", "lora"].index):  # LoRA wraps the model in place: full FT first
         if mode == "lora":
-            model = apply_trainable_policy(model, PeftSettings(mode="lora"))
+            model = apply_trainable_policy(model, PeftSettings(mode="lora", adapter_fp32=not args.lora_bf16))
         if args.compile:
             print(f"{mode}: compiled {compile_layers(model)} layers (first steps include the compilation)")
         results += run_mode(model, mode, kernels, args, device, dtype, peak)

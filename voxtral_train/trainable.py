@@ -49,6 +49,8 @@ class PeftSettings:
     rslora: bool = False  # alpha / sqrt(rank) scaling instead of alpha / rank
     unfreeze_encoder: bool = False  # train the causal audio encoder fully (LoRA modes)
     unfreeze_adapter: bool = False  # train the audio->text projector fully (LoRA modes)
+    adapter_fp32: bool = True  # LoRA weights in fp32 (PEFT's default); false keeps them in the model dtype (bf16):
+    # no per-layer casts, +30 % LoRA throughput on an H100 (benchmarks/RESULTS.md), bf16 optimizer precision
 
 
 def apply_trainable_policy(model: torch.nn.Module, settings: PeftSettings) -> torch.nn.Module:
@@ -69,7 +71,8 @@ def apply_trainable_policy(model: torch.nn.Module, settings: PeftSettings) -> to
         target_modules=target,
         bias="none",
     )
-    model = get_peft_model(model, config)  # freezes everything but the LoRA weights
+    # freezes everything but the LoRA weights
+    model = get_peft_model(model, config, autocast_adapter_dtype=settings.adapter_fp32)
     inner = model.base_model.model.model
     if settings.unfreeze_encoder:
         inner.audio_tower.requires_grad_(True)
