@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from voxtral_train.config import ConfigError
 import torch
 
 from voxtral_train import memory_plan as mp
@@ -99,13 +101,22 @@ def test_planned_activations_match_saved_tensors_of_mid_model(mode):
     assert 0.7 <= planned / saved <= 1.3, (planned, saved)
 
 
-def test_main_plan_prints_the_table(capsys):
-    plan = mp.main_plan(["model.path=tiny", "peft.mode=full", "plan.zero_stage=2", "plan.n_gpus=2", "optim.lr=1e-4",
-                         "train.mixed_precision=no"])
+def test_main_plan_plans_the_composed_training_config(capsys):
+    plan = mp.main_plan(["model.path=tiny", "peft=full", "deepspeed=zero2", "plan.n_gpus=2", "optim.lr=1e-4"])
     out = capsys.readouterr().out
-    assert "optimizer states" in out and "fits in 80 GiB" in out and "ignored, not about memory: optim.lr" in out
-    assert plan.optimizer == plan.n_params * 8 // 2  # fp32: no master copy, moments over 2 GPUs
+    assert "optimizer states" in out and "fits in 80 GiB" in out and "ZeRO-2 x 2 GPU" in out
+    assert plan.optimizer == plan.n_params * 8 // 2  # tiny is fp32: no master copy, moments over 2 GPUs
+
+
+def test_main_plan_defaults_to_the_released_shape_and_plans_recipes():
+    released = mp.main_plan([])
+    assert released.n_params > 4e9 and released.n_trainable < 0.01 * released.n_params  # LoRA by default
+    recipe = mp.main_plan(["+experiment=new_language_full_8gpu", "model.path=released", "plan.n_gpus=8"])
+    assert recipe.n_trainable == recipe.n_params and recipe.weights < released.weights / 7  # ZeRO-3 over 8
+
+
+def test_main_plan_errors_name_the_key():
     with pytest.raises(ValueError, match="plan.zero: unknown key"):
         mp.main_plan(["plan.zero=2"])
-    with pytest.raises(ValueError, match="train.gradient_checkpointing: expected true or false"):
+    with pytest.raises(ConfigError, match="train.gradient_checkpointing"):
         mp.main_plan(["train.gradient_checkpointing=maybe"])

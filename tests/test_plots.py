@@ -39,6 +39,7 @@ def test_plot_refuses_a_folder_without_metrics(tmp_path):
 
 
 def test_plan_subcommand_prints_the_memory_table(capsys):
-    assert main(["plan", "peft.mode=full", "plan.zero_stage=3", "plan.n_gpus=8"]) == 0
+    assert main(["plan", "peft=full", "deepspeed=zero3", "plan.n_gpus=8"]) == 0
     out = capsys.readouterr().out
     assert "ZeRO-3 x 8 GPU" in out and "optimizer states" in out and "fits in" in out
+    assert main(["plan", "plan.zero=3"]) == 2  # an unknown key: a message, not a traceback

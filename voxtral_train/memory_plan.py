@@ -201,93 +201,95 @@ def format_plan(plan: MemoryPlan, gpu_gb: float = 80) -> str:
     return "\n".join(lines)
 
 
+RELEASED = "released"  # model.path value that plans the released shape without reading any folder
+PLAN_PLACEHOLDER = "unused-by-plan"  # data.train_manifest when none is given: a plan reads no data
+
+
 @dataclass
-class PlanArgs:
-    """Inputs of `voxtral-train plan`, under the training config's key names where one exists."""
+class PlanOptions:
+    """The `plan.*` keys: what a plan needs beyond the training config (which says model, batch, precision, ZeRO)."""
 
-    model: str = "mini4b"  # model.path: tiny, mini4b (the released shape), or a local HF / Mistral folder
-    batch_positions: int = 2048  # data.max_positions_per_batch: micro-batch B x P per GPU
-    precision: str = "bf16"  # train.mixed_precision: bf16 -> bf16, no -> fp32
-    gradient_checkpointing: bool = False  # train.gradient_checkpointing
-    chunk_positions: int = 1024  # train.loss_chunk_positions; 0 = plain (unchunked) CE
-    zero_stage: int = 0  # plan.zero_stage
-    n_gpus: int = 1  # plan.n_gpus
-    optimizer: str = "adamw"  # plan.optimizer: adamw, adamw8bit, adamw_bf16, adamw_offload
-    gpu_gb: float = 80.0  # plan.gpu_gb (GiB per GPU)
+    n_gpus: int = 1  # GPUs sharing the run (ZeRO partitions over them)
+    gpu_gb: float = 80.0  # memory of one GPU, GiB
+    optimizer: str | None = None  # adamw8bit / adamw_bf16 to see a leaner optimizer; default: adamw (offloaded
+    # with deepspeed.offload_optimizer)
 
 
-KEYS = {  # override key -> PlanArgs field
-    "model.path": "model", "data.max_positions_per_batch": "batch_positions", "train.mixed_precision": "precision",
-    "train.gradient_checkpointing": "gradient_checkpointing", "train.loss_chunk_positions": "chunk_positions",
-    **{f"plan.{f.name}": f.name for f in fields(PlanArgs)},
-}
-PRECISIONS = {"bf16": "bf16", "no": "fp32", "fp32": "fp32"}
-
-
-def _parse(value: str, like: object) -> object:
-    if isinstance(like, bool):
-        if value.lower() not in ("true", "false"):
-            raise ValueError(f"expected true or false, got {value!r}")
-        return value.lower() == "true"
-    return type(like)(value)
-
-
-def parse_overrides(argv: list[str]) -> tuple[PlanArgs, PeftSettings, list[str]]:
-    """`key=value` overrides -> (plan args, peft settings, ignored keys). Keys of other groups (optim.*, ...) are
-    ignored so the same override list as a training run can be passed; unknown plan/peft keys are errors."""
-    args, peft, ignored, problems = PlanArgs(), PeftSettings(), [], []
-    peft_keys = {f"peft.{f.name}": f.name for f in fields(PeftSettings)}
-    for item in argv:
-        key, sep, value = item.partition("=")
-        key = key.lstrip("+")
-        target, name = (args, KEYS.get(key)) if key in KEYS else (peft, peft_keys.get(key))
-        if not sep:
-            problems.append(f"{item!r}: expected key=value")
-        elif name is None and key.split(".")[0] in ("plan", "peft"):
-            problems.append(f"{key}: unknown key; known: {sorted([*KEYS, *peft_keys])}")
-        elif name is None:
-            ignored.append(key)
-        else:
-            try:
-                setattr(target, name, _parse(value, getattr(target, name)))
-            except ValueError as error:
-                problems.append(f"{key}: {error}")
-    if args.precision not in PRECISIONS:
-        problems.append(f"train.mixed_precision: expected bf16 or no, got {args.precision!r}")
+def parse_plan_options(items: list[str]) -> PlanOptions:
+    """`plan.key=value` items -> PlanOptions; an unknown key or a bad value is an error naming it."""
+    options, problems = PlanOptions(), []
+    known = {f.name: f for f in fields(PlanOptions)}
+    for item in items:
+        key, _, value = item.lstrip("+").partition("=")
+        name = key.removeprefix("plan.")
+        if name not in known:
+            problems.append(f"{key}: unknown key; known: {', '.join('plan.' + k for k in known)}")
+            continue
+        try:
+            setattr(options, name, value if name == "optimizer" else type(getattr(options, name))(value))
+        except ValueError:
+            problems.append(f"{key}: expected a number, got {value!r}")
+    if options.optimizer is not None and options.optimizer not in OPTIMIZER_STATE_BYTES:
+        problems.append(f"plan.optimizer: expected one of {sorted(OPTIMIZER_STATE_BYTES)}, got {options.optimizer!r}")
     if problems:
         raise ValueError("; ".join(problems))
-    args.precision = PRECISIONS[args.precision]
-    return args, peft, ignored
+    return options
 
 
-def config_for(model: str) -> VoxtralRealtimeConfig:
-    """The architecture only (no weights are read): tiny, mini4b, or a folder's config.json / params.json."""
-    if model == "tiny":
+def config_for(model_path: str) -> VoxtralRealtimeConfig:
+    """The architecture only (no weights are read): tiny, the released shape, or a folder's config.json/params.json."""
+    if model_path == "tiny":
         return tiny_config()
-    if model == "mini4b":
+    if model_path == RELEASED:
         return voxtral_mini_4b_config()
-    folder = Path(model)
+    folder = Path(model_path)
     if (folder / "config.json").is_file():
         return VoxtralRealtimeConfig.from_pretrained(folder)
     if (folder / "params.json").is_file():
         from voxtral_train.mistral_format import config_from_params
 
         return config_from_params(json.loads((folder / "params.json").read_text()))
-    raise ValueError(f"model.path={model!r}: not tiny, mini4b, or a folder with config.json / params.json")
+    raise ValueError(f"model.path={model_path!r}: not tiny, {RELEASED}, or a folder with config.json / params.json")
+
+
+def plan_for_settings(settings, options: PlanOptions) -> MemoryPlan:
+    """The plan of a composed training config (`voxtral_train.config.Settings`)."""
+    ds = settings.deepspeed
+    optimizer = options.optimizer or ("adamw_offload" if ds.offload_optimizer else "adamw")
+    chunk = settings.train.loss_chunk_positions
+    return plan_memory(config_for(settings.model.path), settings.peft, settings.data.max_positions_per_batch,
+                       "bf16" if settings.model.dtype == "bfloat16" else "fp32", ds.zero_stage, options.n_gpus,
+                       settings.train.gradient_checkpointing, optimizer, chunked_ce=chunk > 0,
+                       chunk_positions=max(chunk, 1))
 
 
 def main_plan(argv: list[str] | None = None) -> MemoryPlan:
-    """`voxtral-train plan [overrides]`: print the per-GPU memory table of a training setup."""
-    args, peft, ignored = parse_overrides(sys.argv[1:] if argv is None else argv)
-    plan = plan_memory(config_for(args.model), peft, args.batch_positions, args.precision, args.zero_stage,
-                       args.n_gpus, args.gradient_checkpointing, args.optimizer, chunked_ce=args.chunk_positions > 0,
-                       chunk_positions=max(args.chunk_positions, 1))
-    print(f"model {args.model}, peft.mode {peft.mode}, {args.batch_positions} positions/GPU, {args.precision}, "
-          f"ZeRO-{args.zero_stage} x {args.n_gpus} GPU, optimizer {args.optimizer}, "
-          f"checkpointing {args.gradient_checkpointing}, CE chunk {args.chunk_positions or 'off'}")
-    if ignored:
-        print(f"(ignored, not about memory: {', '.join(ignored)})")
-    print(format_plan(plan, args.gpu_gb))
+    """`voxtral-train plan [training overrides] [plan.* keys]`: the per-GPU memory table of that training run.
+
+    The overrides are composed and validated exactly as `voxtral-train` would (same schema, same errors), so
+    `voxtral-train plan +experiment=domain_lora_1gpu model.path=DIR` plans that recipe. Without a model override it
+    plans the released shape (`model=voxtral_mini_4b model.path=released`), reading no weights.
+    """
+    from voxtral_train.train import compose_settings  # the training CLI imports this module lazily too
+
+    argv = sys.argv[1:] if argv is None else argv
+    plan_items = [item for item in argv if item.lstrip("+").startswith("plan.")]
+    overrides = [item for item in argv if item not in plan_items]
+    given = {item.lstrip("+").split("=")[0] for item in overrides}
+    if not given & {"model", "model.path"}:  # the released shape, with LoRA unless a mode is asked for
+        overrides = ["model=voxtral_mini_4b", f"model.path={RELEASED}", *([] if given & {"peft", "peft.mode"}
+                                                                            else ["peft=lora"]), *overrides]
+    for key in ("data.train_manifest", "data.eval_manifest"):  # a plan reads no data: fill what recipes leave open
+        if key not in given:
+            overrides.append(f"{key}={PLAN_PLACEHOLDER}")
+    options = parse_plan_options(plan_items)
+    settings = compose_settings(overrides)
+    plan = plan_for_settings(settings, options)
+    print(f"model {settings.model.path} ({settings.model.dtype}), peft.mode {settings.peft.mode}, "
+          f"{settings.data.max_positions_per_batch} positions/GPU, ZeRO-{settings.deepspeed.zero_stage} x "
+          f"{options.n_gpus} GPU, checkpointing {settings.train.gradient_checkpointing}, "
+          f"CE chunk {settings.train.loss_chunk_positions}")
+    print(format_plan(plan, options.gpu_gb))
     return plan
 
 

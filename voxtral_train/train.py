@@ -552,7 +552,11 @@ def plan_command(overrides: list[str]) -> int:
     """`voxtral-train plan [overrides]`: estimated per-GPU memory of the configured run (voxtral_train.memory_plan)."""
     from voxtral_train.memory_plan import main_plan
 
-    main_plan(overrides)
+    try:
+        main_plan(overrides)
+    except (ConfigError, ValueError) as err:
+        print(f"voxtral-train plan: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
