@@ -120,3 +120,12 @@ def test_audio_embedding_cache_refuses_a_trained_encoder(tmp_path):
     with pytest.raises(EmbeddingCacheError):
         run(tmp_path, "train.name=bad", "peft=lora_unfreeze_encoder", "data.audio_embedding_cache=true",
             "train.max_steps=1")
+
+
+def test_bf16_mixed_precision_runs_and_tracks_fp32(tmp_path):
+    fp32 = run(tmp_path, "train.name=fp32", "train.max_steps=2", "train.save_every=0")
+    AcceleratorState._reset_state(True)  # the mixed-precision setting is process-wide state in accelerate
+    bf16 = run(tmp_path, "train.name=bf16", "train.max_steps=2", "train.save_every=0", "train.mixed_precision=bf16")
+    # same data and init: the first loss differs only by bf16 rounding (relative 1e-2), and it trains
+    assert bf16.losses[0] == pytest.approx(fp32.losses[0], rel=1e-2) and bf16.losses[0] != fp32.losses[0]
+    assert bf16.losses[1] < bf16.losses[0]
