@@ -129,3 +129,24 @@ def test_bf16_mixed_precision_runs_and_tracks_fp32(tmp_path):
     # same data and init: the first loss differs only by bf16 rounding (relative 1e-2), and it trains
     assert bf16.losses[0] == pytest.approx(fp32.losses[0], rel=1e-2) and bf16.losses[0] != fp32.losses[0]
     assert bf16.losses[1] < bf16.losses[0]
+
+
+def test_a_lora_run_folder_serves_as_the_adapter(tmp_path):
+    from tiny_inputs import tiny_logits
+
+    from voxtral_train import load_model
+    from voxtral_train.evaluate import load_for_eval
+    from voxtral_train.trainable import find_adapter_dir
+
+    result = run(tmp_path, "train.name=lora", "peft=lora_unfreeze_adapter", "peft.dropout=0.0", "train.max_steps=2")
+    checkpoint = complete_checkpoints(result.run_dir / "checkpoints")[-1]
+    assert find_adapter_dir(result.run_dir) == result.run_dir / "final"
+    assert find_adapter_dir(checkpoint) == checkpoint / "adapter"
+    from_run, _ = load_for_eval("tiny", str(result.run_dir))
+    from_checkpoint, _ = load_for_eval("tiny", str(checkpoint))
+    assert torch.equal(tiny_logits(from_run), tiny_logits(from_checkpoint))  # both hold step 2
+    base, _ = load_model("tiny")  # the run's starting weights (same seed)
+    projector = "model.multi_modal_projector.linear_1.weight"
+    assert not torch.equal(from_run.state_dict()[projector], base.state_dict()[projector])  # the unfrozen part came
+    with pytest.raises(FileNotFoundError, match="no LoRA adapter"):
+        find_adapter_dir(tmp_path)

@@ -1,7 +1,7 @@
 """`voxtral-eval`: decode a manifest with one or more models at several delays and write a report.
 
     voxtral-eval --model tiny --model runs/demo/final --manifest data/eval.jsonl --delays 240,480,960 --out eval/
-    voxtral-eval --model BASE_DIR --adapter runs/lora/final/adapter ...      # LoRA adapter merged for decoding
+    voxtral-eval --model BASE_DIR --adapter runs/lora ...                     # LoRA adapter merged for decoding
     voxtral-eval probe-anchor --model DIR --manifest data/eval.jsonl --delay 480 --out probe/
 
 The first form writes `report.json`, `report.md`, `errors.jsonl`, `wer_vs_delay.png` and `latency_hist.png`
@@ -171,14 +171,14 @@ def probe_table(rows: Sequence[dict[str, Any]]) -> str:
 # --- command line -------------------------------------------------------------------------------------------------
 
 def load_for_eval(source: str, adapter: str | None = None, dtype: str = "float32", device: str = "cpu"):
-    """(model, tokenizer) from `load_model`; a PEFT adapter folder is merged into the weights for decoding."""
+    """(model, tokenizer) from `load_model`; a LoRA run (adapter folder, run folder or checkpoint) is merged into the
+    weights for decoding, fully trained encoder/adapter tensors included (`voxtral_train.export.merge_adapter`)."""
+    from voxtral_train.export import merge_adapter
     from voxtral_train.model import load_model
 
     model, tokenizer = load_model(source, dtype=dtype)
     if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        model = merge_adapter(model, adapter)
     return model.to(device).eval(), tokenizer
 
 

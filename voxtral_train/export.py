@@ -28,7 +28,7 @@ from transformers import VoxtralRealtimeConfig
 from voxtral_train import checks
 from voxtral_train import mistral_format as mf
 from voxtral_train import protocol
-from voxtral_train.trainable import EXTRA_TRAINABLE_FILE
+from voxtral_train.trainable import EXTRA_TRAINABLE_FILE, find_adapter_dir
 
 # PEFT prefixes its keys with `base_model.model.` + the transformers module path; vLLM wants the Mistral-side
 # module path `language_model.model.layers...` (the legacy transformers layout).
@@ -81,7 +81,7 @@ def merge_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.M
     """Base model + extra trainable tensors + PEFT LoRA -> a plain transformers model with the LoRA folded in."""
     from peft import PeftModel
 
-    adapter_dir = Path(adapter_dir)
+    adapter_dir = find_adapter_dir(adapter_dir)
     load_extra_trainable(model, adapter_dir)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     head, embed = merged.lm_head.weight, merged.get_input_embeddings().weight
@@ -191,7 +191,7 @@ def vllm_adapter_config(peft_config: dict, source: Path) -> dict:
 
 def convert_adapter(adapter_dir: str | Path, out: str | Path) -> dict:
     """PEFT LoRA folder -> vLLM LoRA folder. Returns the written adapter_config."""
-    adapter_dir, out = Path(adapter_dir), Path(out)
+    adapter_dir, out = find_adapter_dir(adapter_dir), Path(out)
     peft_config = json.loads((adapter_dir / checks.ADAPTER_CONFIG).read_text())
     config = vllm_adapter_config(peft_config, adapter_dir)
     tensors = {vllm_adapter_key(k): v.contiguous() for k, v in load_file(str(adapter_dir / checks.ADAPTER_WEIGHTS)).items()}

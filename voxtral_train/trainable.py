@@ -152,3 +152,17 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if isinstance(model, PeftModel):
         model.enable_input_require_grads()
+
+
+def find_adapter_dir(path: str | Path) -> Path:
+    """The PEFT adapter folder of `path`: the folder itself, a run's `final/`, or a checkpoint's `adapter/`.
+
+    So `voxtral-export` and `voxtral-eval` accept `runs/NAME`, `runs/NAME/final` or
+    `runs/NAME/checkpoints/step_000500` as well as a plain adapter folder.
+    """
+    path = Path(path)
+    for candidate in (path, path / "final", path / "adapter"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"{path} holds no LoRA adapter (adapter_config.json), nor does its final/ or adapter/; "
+                            "a full fine-tune's final/ is a whole model: pass it as the model instead")
