@@ -295,8 +295,10 @@ def train(settings: Settings) -> RunResult:
         return StreamingDataset(manifest_rows(spec), tokenizer, delays, anchor=settings.data.anchor,
                                 max_seconds=settings.data.max_seconds, seed=t.seed)
 
-    train_set = dataset(settings.data.train_manifest, DelaySampler.choices(settings.data.delays_ms, settings.data.delay_weights))
-    sampler = LengthBucketSampler(train_set.lengths_in_positions(), settings.data.max_positions_per_batch,
+    delays = DelaySampler.choices(settings.data.delays_ms, settings.data.delay_weights)
+    train_set = dataset(settings.data.train_manifest, delays)
+    # Lengths per epoch (each item's delay is redrawn every epoch), so buckets hold items of the same real length.
+    sampler = LengthBucketSampler(train_set.lengths_in_positions, settings.data.max_positions_per_batch,
                                   seed=t.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     # Its own generator: each new DataLoader iterator draws a seed, which must not move the global RNG (dropout),
     # or a resumed run (a new iterator mid-epoch) would diverge from an unbroken one.
