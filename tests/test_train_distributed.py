@@ -9,6 +9,7 @@ summation order (tolerance 1e-4 absolute on losses around 7, three steps).
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -49,21 +50,26 @@ def single_process_losses(tmp_path_factory) -> list[float]:
     return result.losses
 
 
-@pytest.mark.parametrize("deepspeed", ["none", "zero2", "zero3"])
-def test_two_processes_match_one(tmp_path, deepspeed, single_process_losses):
+def launch_two(tmp_path: Path, deepspeed: str, *overrides: str) -> None:
+    """`accelerate launch` of two CPU processes (gloo) running `voxtral_train.train` with COMMON + overrides."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
            # DeepSpeed compiles a small C++ op on its first multi-process run (~80 s): keep it in a cache.
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                   str(Path.home() / ".cache" / "voxtral-train" / "torch_extensions"))}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / "cpu_2proc.yaml"),
                "--main_process_port", str(_free_port()), "-m", "voxtral_train.train", *COMMON,
-               f"train.output_root={tmp_path}", "train.name=run", f"deepspeed={deepspeed}"]
+               f"train.output_root={tmp_path}", f"deepspeed={deepspeed}", *overrides]
     if deepspeed == "none":
         env["ACCELERATE_USE_CPU"] = "1"  # DDP on CPU; with DeepSpeed it must stay unset (it turns DeepSpeed off)
     else:
         env.pop("ACCELERATE_USE_CPU", None)
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+
+@pytest.mark.parametrize("deepspeed", ["none", "zero2", "zero3"])
+def test_two_processes_match_one(tmp_path, deepspeed, single_process_losses):
+    launch_two(tmp_path, deepspeed, "train.name=run")
     run_dir = tmp_path / "run"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     (ranks,) = [row for row in rows if row["split"] == "ranks"]
@@ -78,3 +84,19 @@ def test_two_processes_match_one(tmp_path, deepspeed, single_process_losses):
         assert not shards
     else:  # DeepSpeed really ran: one ZeRO shard of the optimizer (and of the parameters) per rank
         assert any("rank_0" in name for name in shards) and any("rank_1" in name for name in shards), shards
+
+
+def test_zero3_resume_matches_an_unbroken_run(tmp_path):
+    """ZeRO-3 over two processes: 4 unbroken steps vs. the same run cut at its step-2 checkpoint (sharded weights and
+    optimizer) and resumed; the resumed steps give the same losses."""
+    launch_two(tmp_path, "zero3", "train.name=unbroken", "train.max_steps=4", "train.save_every=2")
+    shutil.copytree(tmp_path / "unbroken", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_000004")
+    metrics = tmp_path / "resumed" / "metrics.jsonl"  # keep the first two steps' rows, as an interrupted run would
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
+                               if json.loads(line)["split"] == "train" and json.loads(line)["step"] <= 2))
+    launch_two(tmp_path, "zero3", "train.name=resumed", "train.max_steps=4", "train.save_every=2",
+               "train.resume=latest")
+    unbroken, resumed = _train_losses(tmp_path / "unbroken"), _train_losses(tmp_path / "resumed")
+    assert len(unbroken) == len(resumed) == 4
+    assert resumed == pytest.approx(unbroken, abs=1e-5, rel=0)
