@@ -46,3 +46,9 @@ def test_errors_name_line_and_key(tmp_path, line, message):
     path.write_text('{"id": "ok", "audio": "ok.wav", "text": "fine"}\n' + line + "\n")
     with pytest.raises(ManifestError, match=message.replace("[", r"\[").replace("]", r"\]")):
         read_manifest(path)
+
+
+def test_bundled_spec_reads_the_bundled_manifest():
+    from voxtral_train.manifest import bundled_manifest_path, read_manifest
+
+    assert read_manifest("bundled:eval") == read_manifest(bundled_manifest_path("eval"))

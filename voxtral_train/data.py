@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Sampler
 
 from voxtral_train import protocol
 from voxtral_train.audio import audio_duration, load_audio
-from voxtral_train.features import log_mel, pad_audio, silence_value
+from voxtral_train.features import log_mel, pad_audio, pad_features
 from voxtral_train.manifest import Utterance, Word
 from voxtral_train.targets import IGNORE_INDEX, Anchor, build_targets
 from voxtral_train.tokenizer import StreamingTokenizer
@@ -251,16 +251,14 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """
     n_max = max(int(item["n_positions"]) for item in items)
     batch = len(items)
-    features = torch.full((batch, protocol.NUM_MEL_BINS, protocol.MEL_FRAMES_PER_POSITION * n_max), silence_value())
     input_ids = torch.full((batch, n_max), STREAMING_PAD_ID, dtype=torch.long)
     labels = torch.full((batch, n_max), IGNORE_INDEX, dtype=torch.long)
     for row, item in enumerate(items):
         n = int(item["n_positions"])
-        features[row, :, : protocol.MEL_FRAMES_PER_POSITION * n] = item["input_features"]
         input_ids[row, :n] = item["input_ids"]
         labels[row, :n] = item["labels"]
     return {
-        "input_features": features,  # [B, 128, 8 * P_max]
+        "input_features": pad_features([item["input_features"] for item in items]),  # [B, 128, 8 * P_max]
         "input_ids": input_ids,  # [B, P_max]
         "labels": labels,  # [B, P_max]
         "num_delay_tokens": torch.stack([item["num_delay_tokens"] for item in items]),  # [B]

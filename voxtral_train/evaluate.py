@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from voxtral_train import protocol
 from voxtral_train.audio import load_audio
 from voxtral_train.decode import Decoded, decode_threads, greedy_decode
-from voxtral_train.features import log_mel, pad_audio, silence_value
+from voxtral_train.features import log_mel, pad_audio, pad_features
 from voxtral_train.manifest import Utterance, read_manifest
 from voxtral_train.metrics import score_utterance, summarize, summarize_by_language
 from voxtral_train.report import markdown_table, write_report
@@ -45,12 +45,8 @@ def _features(samples, delay_tokens: int) -> torch.Tensor:
 
 
 def _stack(features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-    """Right-pad with the log-mel of silence (the encoder is causal: padding never changes earlier positions)."""
-    lengths = [f.shape[1] // protocol.MEL_FRAMES_PER_POSITION for f in features]
-    batch = torch.full((len(features), protocol.NUM_MEL_BINS, max(f.shape[1] for f in features)), silence_value())
-    for row, f in enumerate(features):
-        batch[row, :, : f.shape[1]] = f
-    return batch, lengths
+    """A padded batch of log-mel items and each item's positions."""
+    return pad_features(list(features)), [f.shape[1] // protocol.MEL_FRAMES_PER_POSITION for f in features]
 
 
 def decode_utterances(model, tokenizer: StreamingTokenizer, utterances: Sequence[Utterance], delay_tokens: int,

@@ -63,3 +63,14 @@ def log_mel(padded: np.ndarray | torch.Tensor) -> torch.Tensor:
 def silence_value() -> float:
     """The log-mel value of digital silence (what zero padding becomes): the floor, -0.625 with the real settings."""
     return float(log_mel(torch.zeros(protocol.SAMPLES_PER_POSITION))[0, 0])
+
+
+def pad_features(features: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """[128, 8 * P_i] items -> [B, 128, 8 * P_max], right-padded with the log-mel of silence.
+
+    Both the encoder and the decoder are causal, so padding on the right never changes an earlier position.
+    """
+    batch = torch.full((len(features), protocol.NUM_MEL_BINS, max(f.shape[1] for f in features)), silence_value())
+    for row, item in enumerate(features):
+        batch[row, :, : item.shape[1]] = item
+    return batch

@@ -124,6 +124,9 @@ def utterance_from_json(row: dict[str, Any], base: Path, where: str) -> Utteranc
     )
 
 
+BUNDLED_PREFIX = "bundled:"  # `bundled:train` names the bundled manifest wherever a manifest path is taken
+
+
 def jsonl_objects(path: Path) -> Iterator[tuple[str, str, Any]]:
     """(`file:line`, the raw line, its parsed object or the JSONDecodeError) for each non-blank line of a JSONL file."""
     with path.open(encoding="utf-8") as f:
@@ -138,7 +141,10 @@ def jsonl_objects(path: Path) -> Iterator[tuple[str, str, Any]]:
 
 
 def read_manifest(path: str | os.PathLike) -> list[Utterance]:
-    """All rows of a JSONL manifest; raises ManifestError naming the line and key of the first bad row."""
+    """All rows of a JSONL manifest (or `bundled:train` / `bundled:eval`, the bundled speech set); raises
+    ManifestError naming the line and key of the first bad row."""
+    if str(path).startswith(BUNDLED_PREFIX):
+        path = bundled_manifest_path(str(path).removeprefix(BUNDLED_PREFIX))
     path = Path(path)
     rows = []
     for where, _, obj in jsonl_objects(path):

@@ -44,7 +44,7 @@ from voxtral_train.data import DelaySampler, LengthBucketSampler, StreamingDatas
 from voxtral_train.embedding_cache import AudioEmbeddingCache
 from voxtral_train.evaluate import evaluate_model
 from voxtral_train.loss import STAT_NAMES, backward_scale, streaming_loss_sums, summarize, target_weights
-from voxtral_train.manifest import Utterance, bundled_manifest_path, read_manifest
+from voxtral_train.manifest import read_manifest
 from voxtral_train.metrics_log import MetricsLogger
 from voxtral_train.model import compile_layers, load_model
 from voxtral_train.schedule import build_scheduler
@@ -88,13 +88,6 @@ class StreamingLM(torch.nn.Module):
                                    text_weight=t.text_loss_weight, z_loss=t.z_loss,
                                    chunk_positions=t.loss_chunk_positions, min_chunks=min_chunks)
         return sums.weighted, sums.stats()
-
-
-def manifest_rows(spec: str) -> list[Utterance]:
-    """`bundled:train` / `bundled:eval` or a manifest path."""
-    if spec.startswith("bundled:"):
-        return read_manifest(bundled_manifest_path(spec.split(":", 1)[1]))
-    return read_manifest(spec)
 
 
 def build_accelerator(settings: Settings) -> Accelerator:
@@ -292,7 +285,7 @@ def train(settings: Settings) -> RunResult:
 
     # 3. Data: bucketed micro-batches sharded by rank (the DataLoader stays on CPU), a fixed held-out list --------
     def dataset(spec: str, delays: DelaySampler) -> StreamingDataset:
-        return StreamingDataset(manifest_rows(spec), tokenizer, delays, anchor=settings.data.anchor,
+        return StreamingDataset(read_manifest(spec), tokenizer, delays, anchor=settings.data.anchor,
                                 max_seconds=settings.data.max_seconds, seed=t.seed)
 
     delays = DelaySampler.choices(settings.data.delays_ms, settings.data.delay_weights)
@@ -478,7 +471,7 @@ def final_eval(model: torch.nn.Module, accelerator: Accelerator, tokenizer: Stre
     Every rank decodes (ZeRO-3 gathers parameters collectively); the main process writes."""
     split = settings.data.final_eval_split
     spec = settings.data.train_manifest if split == "train" else settings.data.eval_manifest
-    report = evaluate_model(model, tokenizer, manifest_rows(spec), settings.data.delays_ms,
+    report = evaluate_model(model, tokenizer, read_manifest(spec), settings.data.delays_ms,
                             out_dir=run_dir / "eval" if accelerator.is_main_process else None,
                             name=settings.train.name, progress=accelerator.is_main_process, manifest=spec)
     first = report["delays"][0]
