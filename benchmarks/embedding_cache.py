@@ -23,7 +23,9 @@ import torch
 from transformers import VoxtralRealtimeConfig, VoxtralRealtimeForConditionalGeneration
 
 from voxtral_train import flops
-from voxtral_train.data import DelaySampler, LengthBucketSampler, StreamingDataset, collate
+from voxtral_train.batching import LengthBucketSampler
+from voxtral_train.dataset import StreamingDataset, collate
+from voxtral_train.delays import DelaySampler
 from voxtral_train.embedding_cache import AudioEmbeddingCache, cached_model_inputs, inner_model
 from voxtral_train.loss import streaming_loss_sums
 from voxtral_train.manifest import bundled_manifest_path, read_manifest

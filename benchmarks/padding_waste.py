@@ -17,7 +17,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from voxtral_train import protocol
-from voxtral_train.data import DelaySampler, LengthBucketSampler, StreamingDataset
+from voxtral_train.batching import LengthBucketSampler
+from voxtral_train.dataset import StreamingDataset
+from voxtral_train.delays import DelaySampler
 from voxtral_train.manifest import bundled_manifest_path, read_manifest
 from voxtral_train.tokenizer import StreamingTokenizer
 

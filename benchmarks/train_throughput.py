@@ -27,7 +27,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from embedding_cache import DELAYS_MS, MAX_POSITIONS_PER_BATCH, lora_step, plain_inputs, scaled_lora_model
-from voxtral_train.data import DelaySampler, LengthBucketSampler, StreamingDataset, collate
+from voxtral_train.batching import LengthBucketSampler
+from voxtral_train.dataset import StreamingDataset, collate
+from voxtral_train.delays import DelaySampler
 from voxtral_train.manifest import bundled_manifest_path, read_manifest
 from voxtral_train.targets import IGNORE_INDEX
 from voxtral_train.tokenizer import StreamingTokenizer

@@ -18,9 +18,8 @@ import numpy as np
 import soundfile as sf
 
 from data_prep.timings import check_words, heuristic_words
-from voxtral_train.data import segment_utterance
 from voxtral_train.audio import AudioError, read_native, resample
-from voxtral_train.manifest import Utterance, Word
+from voxtral_train.manifest import Utterance, Word, segment_utterance
 from voxtral_train.protocol import SAMPLE_RATE, SAMPLES_PER_POSITION
 
 TIMING_MODES = ("manifest", "heuristic", "none")

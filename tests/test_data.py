@@ -13,14 +13,10 @@ from hypothesis import strategies as st
 
 from voxtral_train import protocol
 from voxtral_train.audio import load_audio
-from voxtral_train.data import (
-    DelaySampler,
-    LengthBucketSampler,
-    StreamingDataset,
-    collate,
-    padding_fraction,
-    segment_utterance,
-)
+from voxtral_train.batching import LengthBucketSampler, padding_fraction
+from voxtral_train.dataset import StreamingDataset, collate
+from voxtral_train.delays import DelaySampler
+from voxtral_train.manifest import segment_utterance
 from voxtral_train.features import log_mel, pad_audio
 from voxtral_train.manifest import Utterance, Word
 from voxtral_train.targets import IGNORE_INDEX, build_targets

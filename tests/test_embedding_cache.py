@@ -7,7 +7,8 @@ import torch
 
 from voxtral_train import protocol
 from voxtral_train.audio import load_audio
-from voxtral_train.data import DelaySampler, StreamingDataset, collate
+from voxtral_train.dataset import StreamingDataset, collate
+from voxtral_train.delays import DelaySampler
 from voxtral_train.embedding_cache import AudioEmbeddingCache, EmbeddingCacheError, cached_model_inputs, inner_model
 from voxtral_train.features import log_mel, pad_audio, silence_value
 from voxtral_train.loss import streaming_loss_sums

@@ -11,7 +11,7 @@ from voxtral_train.decode import words_with_times
 from voxtral_train.evaluate import evaluate_model, main
 from voxtral_train.features import log_mel, pad_audio
 from voxtral_train.manifest import bundled_manifest_path, read_manifest
-from voxtral_train.report import PLOT_LATENCY, PLOT_WER
+from voxtral_train.eval_report import PLOT_LATENCY, PLOT_WER
 from voxtral_train.targets import build_targets
 
 DELAY_KEYS = {"delay_ms", "delay_tokens", "wer_raw", "wer_norm", "cer_raw", "cer_norm", "blank_rate", "n_timed_words",

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from voxtral_train import checks, export
+from voxtral_train import export, export_checks
 from voxtral_train import mistral_format as mf
 from voxtral_train.model import load_model
 from voxtral_train.trainable import DECODER_LORA_REGEX, save_trainable
@@ -147,10 +147,10 @@ def test_adapter_export_refuses_what_vllm_cannot_serve(decoder_lora, tmp_path, f
 
 
 def test_check_accepts_good_folders(base_mistral, decoder_lora, tmp_path):
-    assert checks.check_folder(base_mistral).ok
-    assert checks.check_folder(base_mistral, reference=base_mistral).ok
+    assert export_checks.check_folder(base_mistral).ok
+    assert export_checks.check_folder(base_mistral, reference=base_mistral).ok
     export.convert_adapter(decoder_lora[2], tmp_path / "a")
-    assert checks.check_folder(tmp_path / "a").kind == "adapter" and checks.check_folder(tmp_path / "a").ok
+    assert export_checks.check_folder(tmp_path / "a").kind == "adapter" and export_checks.check_folder(tmp_path / "a").ok
 
 
 def _copy(src, dst):
@@ -175,7 +175,7 @@ def test_check_catches_a_wrong_shape_and_an_output_head(base_mistral, tmp_path):
     sd["norm.weight"] = sd["norm.weight"][:-1].clone()
     sd["output.weight"] = sd["mm_streams_embeddings.embedding_module.tok_embeddings.weight"].clone()
     save_file(sd, str(bad / "consolidated.safetensors"))
-    problems = "\n".join(checks.check_folder(bad).problems)
+    problems = "\n".join(export_checks.check_folder(bad).problems)
     assert "tensor norm.weight has shape" in problems
     assert "output.weight present" in problems
     assert "tensors, the config needs" in problems
@@ -185,7 +185,7 @@ def test_check_catches_missing_tekken_and_stale_weights(base_mistral, tmp_path):
     bad = _copy(base_mistral, tmp_path / "bad")
     (bad / "tekken.json").unlink()
     (bad / "model.safetensors").write_bytes(b"stale")
-    problems = checks.check_folder(bad).problems
+    problems = export_checks.check_folder(bad).problems
     assert "tekken.json is missing" in problems
     assert any("stale weight file model.safetensors" in p for p in problems)
 
@@ -195,7 +195,7 @@ def test_check_catches_missing_params_keys(base_mistral, tmp_path):
     params = json.loads((bad / "params.json").read_text())
     del params["multimodal"]["whisper_model_args"]["encoder_args"]["vocab_size"]
     (bad / "params.json").write_text(json.dumps(params))
-    assert checks.check_folder(bad).problems == [
+    assert export_checks.check_folder(bad).problems == [
         "params.json lacks key 'multimodal.whisper_model_args.encoder_args.vocab_size'"
     ]
 
@@ -205,8 +205,8 @@ def test_check_with_reference_catches_q_left_in_hf_order(base_mistral, tmp_path,
     monkeypatch.setattr(mf, "unpermute_for_rope", lambda w, heads: w)
     bad = mf.write_mistral_folder(tmp_path / "bad", model.config, model.state_dict(), tokenizer.tekken_path)
     monkeypatch.undo()
-    assert checks.check_folder(bad).ok  # names, shapes and dtypes cannot show the order
-    problems = checks.check_folder(bad, reference=base_mistral).problems
+    assert export_checks.check_folder(bad).ok  # names, shapes and dtypes cannot show the order
+    problems = export_checks.check_folder(bad, reference=base_mistral).problems
     assert len(problems) == 4 and all("HF rotate-half order" in p for p in problems)
 
 
@@ -217,7 +217,7 @@ def test_check_catches_encoder_lora_keys_in_an_adapter(decoder_lora, tmp_path):
     encoder_key = "base_model.model.model.audio_tower.layers.0.self_attn.q_proj.lora_A.weight"
     tensors[encoder_key] = torch.zeros(8, 64)
     save_file(tensors, str(out / "adapter_model.safetensors"))
-    problems = checks.check_folder(out).problems
+    problems = export_checks.check_folder(out).problems
     assert len(problems) == 1 and encoder_key in problems[0]
 
 
@@ -225,7 +225,7 @@ def test_check_catches_adapter_config_faults(decoder_lora, tmp_path):
     out = tmp_path / "a"
     export.convert_adapter(decoder_lora[2], out)
     _edit_config(out, r=4, bias="all", modules_to_save=["x"])
-    problems = "\n".join(checks.check_folder(out).problems)
+    problems = "\n".join(export_checks.check_folder(out).problems)
     assert "r=4" in problems and "bias='all'" in problems and "modules_to_save" in problems
     assert "has rank 8, adapter_config.json says r=4" in problems
 
@@ -236,5 +236,5 @@ def test_check_catches_a_tokenizer_that_does_not_fit(base_mistral, tmp_path):
     tekken["config"]["default_vocab_size"] = json.loads((bad / "params.json").read_text())["vocab_size"] + 1
     del tekken["audio"]
     (bad / "tekken.json").write_text(json.dumps(tekken))
-    problems = "\n".join(checks.check_folder(bad).problems)
+    problems = "\n".join(export_checks.check_folder(bad).problems)
     assert "tokens, params.json vocab_size is" in problems and "no 'audio' section" in problems

@@ -4,7 +4,7 @@ from pathlib import Path
 import yaml
 
 from voxtral_train.config import LoggingSettings
-from voxtral_train.metrics_log import MetricsLogger, wandb_mode
+from voxtral_train.run_log import MetricsLogger, wandb_mode
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,7 +5,7 @@
     voxtral-eval probe-anchor --model DIR --manifest data/eval.jsonl --delay 480 --out probe/
 
 The first form writes `report.json`, `report.md`, `errors.jsonl`, `wer_vs_delay.png` and `latency_hist.png`
-(see `voxtral_train.report`). `probe-anchor` asks a checkpoint where it expects words: its teacher-forced loss on
+(see `voxtral_train.eval_report`). `probe-anchor` asks a checkpoint where it expects words: its teacher-forced loss on
 targets anchored at word end vs word start, shifted by -2..+2 frames (the lowest loss is the convention it
 was trained with); it prints a table and writes `probe_anchor.json`.
 
@@ -32,8 +32,8 @@ from voxtral_train.audio import load_audio
 from voxtral_train.decode import Decoded, decode_threads, greedy_decode
 from voxtral_train.features import log_mel, pad_audio, pad_features
 from voxtral_train.manifest import Utterance, read_manifest
-from voxtral_train.metrics import score_utterance, summarize, summarize_by_language
-from voxtral_train.report import markdown_table, write_report
+from voxtral_train.scoring import score_utterance, summarize, summarize_by_language
+from voxtral_train.eval_report import markdown_table, write_report
 from voxtral_train.tokenizer import StreamingTokenizer
 
 PROBE_OFFSETS = (-2, -1, 0, 1, 2)
@@ -89,7 +89,7 @@ def evaluate_model(model, tokenizer: StreamingTokenizer, utterances: Sequence[Ut
 
     Returns {"model", "n_utterances", "delays": [per-delay summary: wer_raw, wer_norm, cer_raw, cer_norm,
     blank_rate, offset/latency p50/p90, x_real_time, by_language, ...], "utterances": [per-utterance rows]}
-    (the layout `voxtral_train.report` documents). The model is put in eval mode and restored afterwards."""
+    (the layout `voxtral_train.eval_report` documents). The model is put in eval mode and restored afterwards."""
     was_training = model.training
     model.eval()
     result: dict[str, Any] = {"model": name, "n_utterances": len(utterances), "delays": [], "utterances": []}
@@ -127,7 +127,8 @@ def probe_anchor(model, tokenizer: StreamingTokenizer, utterances: Sequence[Utte
                  batch_size: int = 8, offsets: Sequence[int] = PROBE_OFFSETS) -> list[dict[str, Any]]:
     """Teacher-forced loss of `model` on targets built with each anchor and frame offset (utterances need word
     times). One row per (anchor, offset): loss, pad_loss, text_loss, text_accuracy, target_tokens."""
-    from voxtral_train.data import DelaySampler, StreamingDataset, collate
+    from voxtral_train.dataset import StreamingDataset, collate
+    from voxtral_train.delays import DelaySampler
     from voxtral_train.loss import streaming_loss_sums, summarize as summarize_loss
 
     untimed = [u.id for u in utterances if not u.words]

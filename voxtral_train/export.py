@@ -5,7 +5,7 @@
     voxtral-export adapter --adapter RUN/ckpt --out lora_vllm/                    # decoder LoRA -> vLLM adapter
     voxtral-export check   served/ [--reference BASE_MISTRAL_DIR]                  # validate any of the above
 
-Every step runs `voxtral_train.checks` on what it wrote and fails (exit 1) when the checker finds a problem.
+Every step runs `voxtral_train.export_checks` on what it wrote and fails (exit 1) when the checker finds a problem.
 
 Adapter folders written by training (`voxtral_train.trainable.save_trainable`) hold PEFT's `adapter_model.safetensors`
 and, when some modules were trained fully (projector, encoder), `extra_trainable.safetensors` with full tensors under
@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import VoxtralRealtimeConfig
 
-from voxtral_train import checks
+from voxtral_train import export_checks
 from voxtral_train import mistral_format as mf
 from voxtral_train import protocol
 from voxtral_train.trainable import EXTRA_TRAINABLE_FILE, find_adapter_dir
@@ -41,8 +41,8 @@ class ExportError(ValueError):
     pass
 
 
-def _fail_on_problems(path: Path, reference: Path | None = None) -> checks.CheckReport:
-    report = checks.check_folder(path, reference)
+def _fail_on_problems(path: Path, reference: Path | None = None) -> export_checks.CheckReport:
+    report = export_checks.check_folder(path, reference)
     print(report.format())
     if not report.ok:
         raise ExportError(f"{path} failed its check; see the problems above")
@@ -50,7 +50,7 @@ def _fail_on_problems(path: Path, reference: Path | None = None) -> checks.Check
 
 
 def _refuse_weights_in(out: Path) -> None:
-    stale = (mf.stale_weight_files(out) + sorted(out.glob(checks.ADAPTER_WEIGHTS))) if out.exists() else []
+    stale = (mf.stale_weight_files(out) + sorted(out.glob(export_checks.ADAPTER_WEIGHTS))) if out.exists() else []
     if stale:
         raise ExportError(f"{out} already holds weights {[f.name for f in stale]}; write into an empty folder")
 
@@ -158,7 +158,7 @@ def vllm_adapter_key(peft_key: str) -> str:
     key = peft_key
     if key.startswith(_PEFT_DECODER_PREFIX):
         key = _VLLM_DECODER_PREFIX + key[len(_PEFT_DECODER_PREFIX) :]
-    if not checks.VLLM_LORA_KEY.fullmatch(key):
+    if not export_checks.VLLM_LORA_KEY.fullmatch(key):
         where = "audio encoder" if "audio_tower" in key else "a module vLLM's LoRA does not cover"
         raise ExportError(f"adapter key {peft_key} belongs to {where}: {_USE_MERGE}")
     return key
@@ -172,8 +172,8 @@ def vllm_adapter_config(peft_config: dict, source: Path) -> dict:
         (bool(peft_config.get("modules_to_save")), f"modules_to_save={peft_config.get('modules_to_save')}"),
         (peft_config.get("bias", "none") != "none", f"bias={peft_config.get('bias')!r} (vLLM needs 'none')"),
         (bool(peft_config.get("rank_pattern") or peft_config.get("alpha_pattern")), "per-module rank/alpha patterns"),
-        (peft_config.get("r") not in checks.VLLM_LORA_RANKS, f"rank r={peft_config.get('r')} is outside vLLM's "
-         f"{list(checks.VLLM_LORA_RANKS)}"),
+        (peft_config.get("r") not in export_checks.VLLM_LORA_RANKS, f"rank r={peft_config.get('r')} is outside vLLM's "
+         f"{list(export_checks.VLLM_LORA_RANKS)}"),
         ((source / EXTRA_TRAINABLE_FILE).is_file(), f"{EXTRA_TRAINABLE_FILE}: fully trained encoder/projector weights"),
     ]
     for refused, why in refusals:
@@ -192,15 +192,15 @@ def vllm_adapter_config(peft_config: dict, source: Path) -> dict:
 def convert_adapter(adapter_dir: str | Path, out: str | Path) -> dict:
     """PEFT LoRA folder -> vLLM LoRA folder. Returns the written adapter_config."""
     adapter_dir, out = find_adapter_dir(adapter_dir), Path(out)
-    peft_config = json.loads((adapter_dir / checks.ADAPTER_CONFIG).read_text())
+    peft_config = json.loads((adapter_dir / export_checks.ADAPTER_CONFIG).read_text())
     config = vllm_adapter_config(peft_config, adapter_dir)
-    tensors = {vllm_adapter_key(k): v.contiguous() for k, v in load_file(str(adapter_dir / checks.ADAPTER_WEIGHTS)).items()}
+    tensors = {vllm_adapter_key(k): v.contiguous() for k, v in load_file(str(adapter_dir / export_checks.ADAPTER_WEIGHTS)).items()}
     # leaf module names present, e.g. ["down_proj", "gate_proj", ...]
     config["target_modules"] = sorted({k.split(".")[-3] for k in tensors})
     _refuse_weights_in(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / checks.ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (out / checks.ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    save_file(tensors, str(out / export_checks.ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (out / export_checks.ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     return config
 
 

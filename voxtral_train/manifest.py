@@ -9,11 +9,14 @@ NeMo manifests (`audio_filepath`, `duration`, `offset`, no `id`) are read too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from voxtral_train.audio import audio_duration
 
 TIMING_SOURCES = ("manifest", "self_align", "ctc_align", "heuristic", "espeak")
 _ASSETS = Path(__file__).resolve().parent / "assets" / "speech"
@@ -171,3 +174,70 @@ def bundled_manifest_path(split: str = "train") -> Path:
     if split not in names:
         raise ValueError(f"split must be one of {sorted(names)}, got {split!r}")
     return _ASSETS / names[split]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Long recordings
+# --------------------------------------------------------------------------------------------------------------
+def known_seconds(utt: Utterance) -> float | None:
+    """Seconds of the segment from the manifest alone: `duration`, else `end - offset`; None when neither is set."""
+    if utt.duration is not None:
+        return utt.duration
+    if utt.end is not None:
+        return utt.end - (utt.offset or 0.0)
+    return None
+
+
+def utterance_seconds(utt: Utterance) -> float:
+    """Seconds of the segment: from the manifest, else from the audio file's header (no decoding)."""
+    seconds = known_seconds(utt)
+    return audio_duration(utt.audio) - (utt.offset or 0.0) if seconds is None else seconds
+
+
+def segment_utterance(utt: Utterance, max_seconds: float) -> list[Utterance]:
+    """Cut an utterance longer than `max_seconds` into segments of at most `max_seconds`, between words.
+
+    A cut falls in the middle of the silence between two words (or at the last word's end, if the next one overlaps
+    it), never later than `max_seconds` after the segment start. Silence that would push a word out of reach is left
+    out at a segment's start and end. Words are re-timed relative to their segment; the ids get `#<n>`.
+    """
+    if max_seconds <= 0:
+        raise ValueError(f"max_seconds must be positive, got {max_seconds}")
+    total = known_seconds(utt)
+    if total is None:
+        raise ValueError(f"utterance {utt.id}: duration unknown, cannot segment it (set 'duration' in the manifest)")
+    if total <= max_seconds:
+        return [utt]
+    if utt.words is None:
+        raise ValueError(f"utterance {utt.id} lasts {total:.1f} s > max_seconds={max_seconds} and has no word "
+                         "timings to cut at: run data_prep to assign them")
+
+    spans: list[tuple[float, float, list[Word]]] = []
+    start, current = 0.0, []
+    for word in utt.words:
+        if word.end - word.start > max_seconds:
+            raise ValueError(f"utterance {utt.id}: word {word.word!r} lasts {word.end - word.start:.1f} s, "
+                             f"longer than max_seconds={max_seconds}")
+        if current and word.end - start > max_seconds:
+            previous_end = current[-1].end
+            cut = min(start + max_seconds, max(previous_end, (previous_end + word.start) / 2))
+            spans.append((start, cut, current))
+            start, current = cut, []
+        start = max(start, word.end - max_seconds)  # skip silence that would leave the word out of reach
+        current.append(word)
+    spans.append((start, min(total, start + max_seconds), current))
+
+    base = utt.offset or 0.0
+    return [
+        dataclasses.replace(
+            utt,
+            id=f"{utt.id}#{n}",
+            text=" ".join(w.word for w in words),
+            duration=stop - begin,
+            offset=base + begin,
+            end=base + stop,
+            words=[Word(w.word, max(0.0, w.start - begin), w.end - begin) for w in words],
+            extra=dict(utt.extra),
+        )
+        for n, (begin, stop, words) in enumerate(spans)
+    ]

@@ -40,12 +40,14 @@ from voxtral_train.checkpoint import (
     save_checkpoint,
 )
 from voxtral_train.config import ConfigError, OptimSettings, Settings, settings_from_dict, settings_to_dict
-from voxtral_train.data import DelaySampler, LengthBucketSampler, StreamingDataset, collate
+from voxtral_train.batching import LengthBucketSampler
+from voxtral_train.dataset import StreamingDataset, collate
+from voxtral_train.delays import DelaySampler
 from voxtral_train.embedding_cache import AudioEmbeddingCache
 from voxtral_train.evaluate import evaluate_model
 from voxtral_train.loss import STAT_NAMES, backward_scale, streaming_loss_sums, summarize, target_weights
 from voxtral_train.manifest import read_manifest
-from voxtral_train.metrics_log import MetricsLogger
+from voxtral_train.run_log import MetricsLogger
 from voxtral_train.model import compile_layers, load_model
 from voxtral_train.schedule import build_scheduler
 from voxtral_train.tokenizer import StreamingTokenizer

@@ -3,7 +3,7 @@
 import jiwer
 import pytest
 
-from voxtral_train.metrics import (
+from voxtral_train.scoring import (
     Counts,
     char_counts,
     normalize,

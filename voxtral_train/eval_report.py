@@ -56,7 +56,7 @@ def markdown_report(results: Sequence[dict[str, Any]], settings: dict[str, Any])
         "",
         markdown_table(results),
         "",
-        "- WER norm / CER norm: text normalised (`voxtral_train.metrics`: English or basic, by language); raw: as "
+        "- WER norm / CER norm: text normalised (`voxtral_train.scoring`: English or basic, by language); raw: as "
         "written. Corpus rates (all errors / all reference words).",
         "- blank rut: utterances with speech in the reference whose decode has no text.",
         "- latency: time from a word's reference end to the moment a live stream emits its [STREAMING_WORD] "

@@ -1,0 +1,141 @@
+"""Batches by length: items of similar length share a micro-batch, so little of it is padding.
+
+`LengthBucketSampler` fills each micro-batch up to a budget of 80 ms positions (padding included), shards batches
+by rank itself, and can skip ahead to resume mid-epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+
+class LengthBucketSampler(Sampler[list[int]]):
+    """Batch sampler: batches of similar-length items, each holding at most `max_positions_per_batch` padded positions
+    (batch size x longest item), shuffled per epoch, split disjointly and equally across `num_replicas` ranks.
+
+    Bucketing sorts the (shuffled) items by length and packs them in that order, so a batch's items differ in length
+    by a few positions at most. `bucketing=False` packs them in random order instead (the baseline it is measured
+    against in benchmarks/padding_waste.py). Every epoch's batches depend only on (seed, epoch). Each rank gets the
+    batches `rank, rank + num_replicas, ...` of the epoch's list; the remainder (< num_replicas batches) is dropped.
+    Resume: `state_dict(consumed_batches)` / `load_state_dict(state)`, or `set_epoch(e)` then `skip_batches(n)`.
+
+    `lengths_in_positions` is a list, or a function epoch -> list when lengths change per epoch (each item draws its
+    delay per epoch: `StreamingDataset.lengths_in_positions`); bucketing by the drawn lengths keeps items with
+    different delays out of one batch.
+    """
+
+    def __init__(
+        self,
+        lengths_in_positions: Sequence[int] | Callable[[int], Sequence[int]],
+        max_positions_per_batch: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
+        bucketing: bool = True,
+    ) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
+        self.max_positions = max_positions_per_batch
+        self.seed, self.shuffle, self.bucketing = seed, shuffle, bucketing
+        self.num_replicas, self.rank = num_replicas, rank
+        fixed = lengths_in_positions
+        self._lengths_of = lengths_in_positions if callable(lengths_in_positions) else lambda epoch: fixed
+        self._cache: tuple[int, list[list[int]]] | None = None  # (epoch, its batches)
+        self.epoch = 0
+        self._skip = 0  # batches of the next iteration to skip (resume)
+        self._yielded = 0  # batches handed out so far in this epoch
+        self.n_items = len(self.lengths(0))  # also checks the budget now rather than at the first batch
+
+    def lengths(self, epoch: int) -> np.ndarray:
+        lengths = np.asarray(self._lengths_of(epoch), dtype=np.int64)
+        too_long = np.flatnonzero(lengths > self.max_positions)
+        if too_long.size:
+            i = int(too_long[0])
+            raise ValueError(
+                f"{too_long.size} item(s) exceed max_positions_per_batch={self.max_positions} in epoch {epoch}, e.g. "
+                f"item {i} with {lengths[i]} positions: raise the budget or cut recordings shorter (data max_seconds)"
+            )
+        return lengths
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """All ranks' batches of `epoch`, in the order they are served (before the split across ranks)."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        lengths = self.lengths(epoch)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(lengths)) if self.shuffle else np.arange(len(lengths))
+        if self.bucketing:  # stable sort: items of equal length keep their shuffled order
+            order = order[np.argsort(lengths[order], kind="stable")]
+        batches: list[list[int]] = []
+        current: list[int] = []
+        longest = 0
+        for index in order.tolist():
+            longest_if_added = max(longest, int(lengths[index]))
+            if current and (len(current) + 1) * longest_if_added > self.max_positions:
+                batches.append(current)
+                current, longest_if_added = [], int(lengths[index])
+            current.append(index)
+            longest = longest_if_added
+        if current:
+            batches.append(current)
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        self._cache = (epoch, batches)
+        return batches
+
+    def _rank_batches(self) -> list[list[int]]:
+        batches = self.epoch_batches(self.epoch)
+        per_rank = len(batches) // self.num_replicas
+        if per_rank == 0:
+            raise ValueError(f"epoch {self.epoch} has {len(batches)} batches, fewer than {self.num_replicas} ranks")
+        return batches[: per_rank * self.num_replicas][self.rank :: self.num_replicas]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch to serve; a pending skip survives only if the epoch does not change."""
+        if epoch != self.epoch:
+            self._skip = 0
+        self.epoch = epoch
+        self._yielded = 0
+
+    def skip_batches(self, n: int) -> None:
+        """Start the next iteration at this rank's batch `n` of the current epoch (the rest is unchanged)."""
+        self._skip = n
+
+    def state_dict(self, consumed_batches: int | None = None) -> dict[str, int]:
+        """Where this rank stands. DataLoader prefetching makes the sampler run ahead of training, so pass the
+        number of batches the training loop actually consumed in this epoch; without it, the count handed out."""
+        done = self._yielded if consumed_batches is None else consumed_batches
+        return {"epoch": self.epoch, "batches_done": done, "seed": self.seed, "num_replicas": self.num_replicas,
+                "n_items": self.n_items, "max_positions_per_batch": self.max_positions}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Continue at the saved batch; refuses a state saved with another seed, data, budget or world size."""
+        mine = self.state_dict()
+        mismatched = [f"{k}: saved {state[k]}, now {mine[k]}" for k in
+                      ("seed", "num_replicas", "n_items", "max_positions_per_batch") if state[k] != mine[k]]
+        if mismatched:
+            raise ValueError("cannot resume the batch order: " + "; ".join(mismatched))
+        self.set_epoch(int(state["epoch"]))
+        self.skip_batches(int(state["batches_done"]))
+
+    def __len__(self) -> int:
+        return len(self._rank_batches()) - self._skip
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._rank_batches()
+        start, self._skip = self._skip, 0
+        for position in range(start, len(batches)):
+            self._yielded = position + 1
+            yield batches[position]
+
+
+def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:
+    """Share of a batch's positions (batch size x longest item, summed) that is padding."""
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    real = sum(lengths[i] for b in batches for i in b)
+    return 1.0 - real / padded

@@ -1,0 +1,125 @@
+"""From manifest rows to model inputs: the dataset and its collate.
+
+The DataLoader side never needs the model: each item is a dict of CPU tensors made from the audio file, its word
+timings and a delay drawn for (seed, epoch, index); `collate` pads to the longest item.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from voxtral_train import protocol
+from voxtral_train.audio import load_audio
+from voxtral_train.delays import DelaySampler
+from voxtral_train.features import log_mel, pad_audio, pad_features
+from voxtral_train.manifest import Utterance, segment_utterance, utterance_seconds
+from voxtral_train.targets import IGNORE_INDEX, Anchor, build_targets
+from voxtral_train.tokenizer import StreamingTokenizer
+
+# The tokenizer refuses any vocabulary whose [STREAMING_PAD] differs from this id, so collate may rely on it.
+STREAMING_PAD_ID = protocol.EXPECTED_SPECIAL_IDS["[STREAMING_PAD]"]
+
+
+class StreamingDataset(Dataset):
+    """Manifest rows -> model inputs and shifted labels, one delay per item drawn from `delay_sampler`.
+
+    Call `set_epoch(e)` each epoch to draw new delays (DataLoader workers pick it up when they are started for the
+    epoch, i.e. without `persistent_workers`).
+    """
+
+    def __init__(
+        self,
+        utterances: Sequence[Utterance],
+        tokenizer: StreamingTokenizer,
+        delay_sampler: DelaySampler,
+        anchor: Anchor = "end",
+        max_seconds: float | None = None,
+        seed: int = 0,
+        offset_frames: int = 0,
+    ) -> None:
+        if max_seconds is not None:
+            utterances = [
+                segment
+                for utt in utterances
+                for segment in segment_utterance(dataclasses.replace(utt, duration=utterance_seconds(utt)), max_seconds)
+            ]
+        self.utterances = list(utterances)
+        self.tokenizer = tokenizer
+        self.delay_sampler = delay_sampler
+        self.anchor: Anchor = anchor
+        self.offset_frames = offset_frames
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+    @functools.cached_property
+    def _n_samples(self) -> list[int]:
+        return [math.ceil(utterance_seconds(u) * protocol.SAMPLE_RATE) for u in self.utterances]
+
+    def lengths_in_positions(self, epoch: int | None = None) -> list[int]:
+        """Positions of each item from durations only (no audio decoding), for batching: at the delay each item
+        draws in `epoch` (what its batch will hold), or at the largest delay when `epoch` is None (an upper bound).
+
+        An item whose last words are too late for the standard right pad grows a few positions beyond this
+        (targets.build_targets); that is rare and only overshoots a batch budget slightly.
+        """
+        return [
+            protocol.n_total_positions(
+                n, self.delay_sampler.max_tokens if epoch is None else self.delay_sampler.draw(self.seed, epoch, i)
+            )
+            for i, n in enumerate(self._n_samples)
+        ]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        utt = self.utterances[index]
+        if utt.words is None:
+            raise ValueError(f"utterance {utt.id} ({utt.audio}) has no word timings: run data_prep to assign them")
+        samples = load_audio(utt.audio, utt.offset, utt.end)
+        delay = self.delay_sampler.draw(self.seed, self.epoch, index)
+        targets = build_targets(utt.words, self.tokenizer, len(samples), delay, self.anchor, self.offset_frames)
+        features = log_mel(pad_audio(samples, delay, targets.extra_right_pad))
+        return {
+            "input_features": features,  # [128, 8 * P]
+            "input_ids": torch.tensor(targets.input_ids, dtype=torch.long),  # [P]
+            "labels": torch.tensor(targets.labels, dtype=torch.long),  # [P]
+            "num_delay_tokens": torch.tensor(delay, dtype=torch.long),
+            "n_positions": torch.tensor(targets.n_positions, dtype=torch.long),
+            "audio_seconds": torch.tensor(len(samples) / protocol.SAMPLE_RATE, dtype=torch.float32),
+            "id": utt.id,
+        }
+
+
+def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Right-pad items to the longest: features with the log-mel of silence, ids with [STREAMING_PAD], labels -100.
+
+    No attention mask: the encoder and the decoder are both causal, so padding on the right never changes what an
+    earlier (real) position computes, and the padded positions carry label -100.
+    """
+    n_max = max(int(item["n_positions"]) for item in items)
+    batch = len(items)
+    input_ids = torch.full((batch, n_max), STREAMING_PAD_ID, dtype=torch.long)
+    labels = torch.full((batch, n_max), IGNORE_INDEX, dtype=torch.long)
+    for row, item in enumerate(items):
+        n = int(item["n_positions"])
+        input_ids[row, :n] = item["input_ids"]
+        labels[row, :n] = item["labels"]
+    return {
+        "input_features": pad_features([item["input_features"] for item in items]),  # [B, 128, 8 * P_max]
+        "input_ids": input_ids,  # [B, P_max]
+        "labels": labels,  # [B, P_max]
+        "num_delay_tokens": torch.stack([item["num_delay_tokens"] for item in items]),  # [B]
+        "n_positions": torch.stack([item["n_positions"] for item in items]),  # [B]
+        "audio_seconds": torch.stack([item["audio_seconds"] for item in items]),  # [B], real audio only
+        "ids": [item["id"] for item in items],
+    }

@@ -1,0 +1,84 @@
+"""Which delay each training item gets.
+
+One model serves every delay through its delay conditioning, so training usually mixes them. The sampler is built
+once from milliseconds (config, CLI) and then holds delays in tokens, the unit the model and the target builder use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from voxtral_train import protocol
+
+
+@dataclasses.dataclass(frozen=True)
+class DelaySampler:
+    """Which delay each training item gets: one value, a weighted set, or uniform over a range in 80 ms steps.
+
+    One model serves every delay through its delay conditioning, so training usually mixes them. A draw depends only
+    on (seed, epoch, index): reruns, resumed runs and any number of DataLoader workers see the same delays.
+    """
+
+    delays_ms: tuple[int, ...]
+    weights: tuple[float, ...]  # same length as delays_ms, normalised to sum 1
+
+    def __post_init__(self) -> None:
+        if not self.delays_ms or len(self.weights) != len(self.delays_ms):
+            raise ValueError(f"delay sampler needs one weight per delay, got {self.delays_ms} and {self.weights}")
+        for ms in self.delays_ms:
+            protocol.delay_ms_to_tokens(ms)  # raises for a delay off the 80 ms grid
+        if min(self.weights) < 0 or not math.isclose(sum(self.weights), 1.0):
+            raise ValueError(f"delay weights must be >= 0 and sum to 1, got {self.weights}")
+
+    @classmethod
+    def fixed(cls, delay_ms: int) -> "DelaySampler":
+        return cls((int(delay_ms),), (1.0,))
+
+    @classmethod
+    def choices(cls, delays_ms: Sequence[int], weights: Sequence[float] | None = None) -> "DelaySampler":
+        weights = [1.0] * len(delays_ms) if weights is None else [float(w) for w in weights]
+        total = sum(weights)
+        if total <= 0:
+            raise ValueError(f"delay weights must have a positive sum, got {weights}")
+        return cls(tuple(int(ms) for ms in delays_ms), tuple(w / total for w in weights))
+
+    @classmethod
+    def uniform(cls, min_ms: int, max_ms: int) -> "DelaySampler":
+        """Every multiple of 80 ms in [min_ms, max_ms], equally likely."""
+        lo, hi = protocol.delay_ms_to_tokens(min_ms), protocol.delay_ms_to_tokens(max_ms)
+        if hi < lo:
+            raise ValueError(f"delay range is empty: min_ms={min_ms} > max_ms={max_ms}")
+        return cls.choices([protocol.delay_tokens_to_ms(t) for t in range(lo, hi + 1)])
+
+    @classmethod
+    def from_config(cls, cfg: int | Mapping[str, Any]) -> "DelaySampler":
+        """480 | {fixed_ms: 480} | {choices_ms: [480, 960], weights: [3, 1]} | {min_ms: 240, max_ms: 2400}."""
+        if isinstance(cfg, (int, float)) and not isinstance(cfg, bool):
+            return cls.fixed(int(cfg))
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f"delay config must be a number of ms or a mapping, got {cfg!r}")
+        keys = set(cfg)
+        if keys == {"fixed_ms"}:
+            return cls.fixed(cfg["fixed_ms"])
+        if keys in ({"choices_ms"}, {"choices_ms", "weights"}):
+            return cls.choices(list(cfg["choices_ms"]), cfg.get("weights"))
+        if keys == {"min_ms", "max_ms"}:
+            return cls.uniform(cfg["min_ms"], cfg["max_ms"])
+        raise ValueError(
+            f"delay config keys {sorted(keys)} are not one of: fixed_ms | choices_ms (+ weights) | min_ms + max_ms"
+        )
+
+    @property
+    def max_tokens(self) -> int:
+        return max(protocol.delay_ms_to_tokens(ms) for ms in self.delays_ms)
+
+    def draw(self, seed: int, epoch: int, index: int) -> int:
+        """The delay in tokens of item `index` in `epoch`."""
+        if len(self.delays_ms) == 1:
+            return protocol.delay_ms_to_tokens(self.delays_ms[0])
+        rng = np.random.default_rng([seed, epoch, index])
+        return protocol.delay_ms_to_tokens(self.delays_ms[rng.choice(len(self.delays_ms), p=self.weights)])
