@@ -45,3 +45,24 @@ def test_launch_configs_parse():
         sizes[path.stem] = (config["num_machines"], config["num_processes"])
     assert sizes == {"1gpu": (1, 1), "2node_8gpu": (2, 16), "8gpu_zero2": (1, 8), "8gpu_zero3": (1, 8),
                      "cpu_2proc": (1, 2)}
+
+
+def _steps(path):
+    return [(row["step"], row["split"]) for row in map(json.loads, path.read_text().splitlines())]
+
+
+def test_resume_and_rollback_keep_one_row_per_step(tmp_path):
+    logger = MetricsLogger(tmp_path, LoggingSettings(tensorboard=False), {}, "run", is_main=True)
+    for step in (1, 2, 3, 4):
+        logger.log(step, {"loss": 1.0})
+    logger.log(4, {"loss": 0.5}, split="eval")
+    logger.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "spl')  # torn by a kill mid-write
+    resumed = MetricsLogger(tmp_path, LoggingSettings(tensorboard=False), {}, "run", is_main=True, resume_step=2)
+    resumed.log(3, {"loss": 0.9})
+    resumed.rewind(2)  # a rollback to the step-2 checkpoint
+    resumed.log(3, {"loss": 0.8})
+    resumed.close()
+    assert _steps(tmp_path / "metrics.jsonl") == [(1, "train"), (2, "train"), (3, "train")]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["loss"] == 0.8

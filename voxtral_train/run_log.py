@@ -1,5 +1,11 @@
 """Where training metrics go: `metrics.jsonl` always; tensorboard and wandb when enabled. Main process only.
 
+One row per step and split, whatever happened: a resume from step N (and a rollback to N after a non-finite loss)
+first drops the rows past N, which the interrupted run wrote after its last checkpoint and the continuation writes
+again; tensorboard purges its events past N the same way. Otherwise the lr plot would draw a chord back to step N
+and summary.md's "first step" would be the first resumed one. (wandb cannot rewind a run: it ignores the repeated
+steps with a warning.)
+
 wandb: `WANDB_MODE=offline` (or `disabled`) is honoured. With no mode set and no API key, wandb would stop the run
 ("No API key configured"); we switch to offline mode with a warning instead, so a run never dies for logging.
 """
@@ -39,16 +45,21 @@ class MetricsLogger:
     """`log(step, metrics)` to every enabled sink; a no-op on non-main processes."""
 
     def __init__(self, run_dir: Path, settings: LoggingSettings, config: dict[str, Any], run_name: str,
-                 is_main: bool, resumed: bool):
+                 is_main: bool, resume_step: int | None = None, resumed: bool = False):
+        """`resume_step`: the step a resumed run continues from (rows past it are dropped); None for a new run.
+        `resumed` (append, drop nothing) is the old call of train.py, kept until it passes resume_step."""
         self.is_main = is_main
+        self.path = run_dir / "metrics.jsonl"
+        self.settings = settings
         self.jsonl = self.tensorboard = self.wandb_run = None
         if not is_main:
             return
-        self.jsonl = (run_dir / "metrics.jsonl").open("a" if resumed else "w", encoding="utf-8")
-        if settings.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        if resume_step is not None:
+            keep_rows_up_to(self.path, resume_step)
+        elif not resumed:
+            self.path.write_text("")
+        self.jsonl = self.path.open("a", encoding="utf-8")
+        self._open_tensorboard(purge_after=resume_step)
         if settings.wandb:
             import wandb
 
@@ -57,6 +68,24 @@ class MetricsLogger:
                 warnings.warn(warning, stacklevel=2)
             self.wandb_run = wandb.init(project=settings.wandb_project, name=run_name, dir=str(run_dir), mode=mode,
                                         config=config, id=run_name, resume="allow")  # one wandb run per run folder
+
+    def _open_tensorboard(self, purge_after: int | None) -> None:
+        if self.settings.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = None if purge_after is None else purge_after + 1
+            self.tensorboard = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=purge)
+
+    def rewind(self, step: int) -> None:
+        """Forget everything logged past `step` (a rollback to the checkpoint of `step`)."""
+        if not self.is_main:
+            return
+        self.jsonl.close()
+        keep_rows_up_to(self.path, step)
+        self.jsonl = self.path.open("a", encoding="utf-8")
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self._open_tensorboard(purge_after=step)
 
     def log(self, step: int, metrics: dict[str, Any], split: str = "train") -> None:
         if not self.is_main:
@@ -79,3 +108,24 @@ class MetricsLogger:
             self.tensorboard.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def keep_rows_up_to(path: Path, step: int) -> None:
+    """Drop the rows of `path` (metrics.jsonl) logged past `step`; replaced atomically, so a kill keeps one version."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and _row_step(line) <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _row_step(line: str) -> float:
+    """A row's step; a torn last line (the process was killed mid-write) counts as past any step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
