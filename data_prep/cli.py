@@ -9,8 +9,12 @@
     voxtral-prep folder my_clips/ --out data/mine --self-align-model /models/voxtral-realtime
     voxtral-prep folder my_clips/ --out data/mine --ctc-align-model /models/wav2vec2-base-960h
 
-Writes OUT/manifest.jsonl (kept rows) and OUT/rejects.jsonl (each rejected row with its source, a reason
-code and a message), and prints `kept N, rejected M (reason: count, ...)`.
+Writes OUT/manifest.jsonl (kept rows), OUT/rejects.jsonl (each rejected row with its source, input line, a reason
+code and a message) and OUT/changes.jsonl (transcripts cleaning changed: original and cleaned text), and prints
+`kept N, rejected M (reason: count, ...)` and the rows per timing source.
+
+Starts in about a second: torch and transformers are imported only when an alignment model or a tokenizer check
+needs them.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from data_prep import sources
-from data_prep.validate import TIMING_MODES, PrepOptions, prepare
+from data_prep.validate import TIMING_MODES, PrepOptions, heuristic_fill, prepare
 from voxtral_train.manifest import write_manifest
 
 
@@ -48,8 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--segment", action="store_true", help="cut longer timed recordings at word boundaries instead of rejecting them")
     p.add_argument("--copy-audio", action=argparse.BooleanOptionalAction, default=False,
                    help="write kept clips as 16 kHz mono FLAC under OUT/audio (default: reference the originals)")
-    p.add_argument("--timings", choices=TIMING_MODES, default="manifest",
-                   help="manifest: keep source word timings; heuristic: estimate them where missing; none: drop them")
+    p.add_argument("--timings", choices=TIMING_MODES, default="auto",
+                   help="auto (default): the row's own word timings, else --self-align-model, else --ctc-align-model, "
+                        "else estimated from the signal energy; manifest: keep only rows with their own timings; "
+                        "heuristic: estimate them where missing; none: drop them")
     p.add_argument("--self-align-model", help="'tiny' or a Voxtral folder: give rows still without word timings the "
                    "timings this checkpoint would emit (self-alignment, any language)")
     p.add_argument("--ctc-align-model", help="a local character-CTC folder (e.g. a wav2vec2 fine-tuned on the data's "
@@ -82,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"voxtral-prep: input not found: {args.input}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    opts = PrepOptions(args.max_seconds, args.segment, args.timings, args.out / "audio" if args.copy_audio else None)
+    aligner = args.timings == "auto" and bool(args.self_align_model or args.ctc_align_model)
+    opts = PrepOptions(args.max_seconds, args.segment, args.timings, args.out / "audio" if args.copy_audio else None,
+                       aligner)
     encode, unk_id = _encoder(args.tokenizer)
     started = time.perf_counter()
     try:
@@ -105,10 +113,15 @@ def main(argv: list[str] | None = None) -> int:
 
         n = ctc_align_utterances(result.kept, args.ctc_align_model)
         print(f"CTC-aligned {n} rows with {args.ctc_align_model}")
+    if aligner:  # the last link of the auto chain: rows no alignment model could time
+        heuristic_fill(result.kept)
     write_manifest(args.out / "manifest.jsonl", result.kept)
-    with (args.out / "rejects.jsonl").open("w", encoding="utf-8") as f:
-        for r in result.rejects:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False, default=str) + "\n")
+    # changes.jsonl escapes non-ASCII: the invisible characters it reports become visible (\u200b), and a raw
+    # U+0085 / U+2028 in a line would split it for line readers that follow Unicode.
+    for name, records, ascii_only in (("rejects.jsonl", result.rejects, False), ("changes.jsonl", result.changes, True)):
+        with (args.out / name).open("w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r.to_json(), ensure_ascii=ascii_only, default=str) + "\n")
     seconds = time.perf_counter() - started
     print(result.summary())
     print(f"{result.audio_seconds / 3600:.2f} h of audio in {seconds:.1f} s "

@@ -46,13 +46,22 @@ def from_folder(root: Path) -> Iterator[Row]:
         yield SourceRow(source, _stem_id(path, root), str(path), transcript.read_text(encoding="utf-8", errors="replace"))
 
 
-def _from_mapping(obj: Any, base: Path, where: str) -> Row:
+def _not_text(value: Any, key: str, where: str, source: dict[str, Any], uid: Any, line: int | None) -> Reject:
+    """A transcript column holding a number, a list, null...: its own reason, not the one for a missing column."""
+    return Reject("transcript_not_text", f"{where}: the transcript '{key}' is {type(value).__name__} {value!r}, "
+                                         "not a string", source, None if uid is None else str(uid), line)
+
+
+def _from_mapping(obj: Any, base: Path, where: str, line: int | None) -> Row:
     """A table/JSONL row with any of the usual column names -> SourceRow, through the manifest parser."""
     if not isinstance(obj, dict):
-        return Reject("bad_row", f"{where}: expected an object", {"row": obj})
+        return Reject("bad_row", f"{where}: expected an object", {"row": obj}, line=line)
     row = {k: v for k, v in obj.items() if k not in AUDIO_KEYS + TEXT_KEYS}
     audio = next((obj[k] for k in AUDIO_KEYS if isinstance(obj.get(k), str) and obj[k]), None)
-    text = next((obj[k] for k in TEXT_KEYS if isinstance(obj.get(k), str)), None)
+    text_key = next((k for k in TEXT_KEYS if k in obj), None)
+    if text_key is not None and not isinstance(obj[text_key], str):
+        return _not_text(obj[text_key], text_key, where, obj, obj.get("id"), line)
+    text = None if text_key is None else obj[text_key]
     for key in NUMBER_KEYS:  # CSV cells are strings
         if isinstance(row.get(key), str):
             try:
@@ -66,8 +75,8 @@ def _from_mapping(obj: Any, base: Path, where: str) -> Row:
     try:
         u = utterance_from_json(row, base, where)
     except ManifestError as err:
-        return Reject("bad_row", str(err), obj, None if obj.get("id") is None else str(obj.get("id")))
-    return SourceRow(obj, u.id, u.audio, u.text, u.offset, u.end, u.language, u.words, u.timing_source, u.extra)
+        return Reject("bad_row", str(err), obj, None if obj.get("id") is None else str(obj.get("id")), line)
+    return SourceRow(obj, u.id, u.audio, u.text, u.offset, u.end, u.language, u.words, u.timing_source, u.extra, line)
 
 
 def from_table(path: Path) -> Iterator[Row]:
@@ -78,13 +87,13 @@ def from_table(path: Path) -> Iterator[Row]:
         with path.open(encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
             for lineno, obj in enumerate(reader, 2):
-                yield _from_mapping(obj, path.parent, f"{path}:{lineno}")
+                yield _from_mapping(obj, path.parent, f"{path}:{lineno}", lineno)
         return
-    for where, line, obj in jsonl_objects(path):
+    for where, line, obj, lineno in jsonl_objects(path):
         if isinstance(obj, json.JSONDecodeError):
-            yield Reject("bad_row", f"{where}: invalid JSON ({obj})", {"line": line})
+            yield Reject("bad_row", f"{where}: invalid JSON ({obj})", {"line": line}, line=lineno)
         else:
-            yield _from_mapping(obj, path.parent, where)
+            yield _from_mapping(obj, path.parent, where, lineno)
 
 
 def from_librispeech(root: Path) -> Iterator[Row]:
@@ -95,7 +104,7 @@ def from_librispeech(root: Path) -> Iterator[Row]:
                 continue
             uid, _, text = line.strip().partition(" ")
             source = {"transcript": f"{trans}:{lineno}", "line": line}
-            yield SourceRow(source, uid, str(trans.parent / f"{uid}.flac"), text, language="en")
+            yield SourceRow(source, uid, str(trans.parent / f"{uid}.flac"), text, language="en", line=lineno)
 
 
 def from_common_voice(tsv: Path) -> Iterator[Row]:
@@ -105,9 +114,10 @@ def from_common_voice(tsv: Path) -> Iterator[Row]:
         for lineno, obj in enumerate(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 2):
             clip, text = obj.get("path"), obj.get("sentence")
             if not clip or text is None:
-                yield Reject("bad_row", f"{tsv}:{lineno}: needs 'path' and 'sentence' columns", dict(obj))
+                yield Reject("bad_row", f"{tsv}:{lineno}: needs 'path' and 'sentence' columns", dict(obj), line=lineno)
                 continue
-            yield SourceRow(dict(obj), Path(clip).stem, str(tsv.parent / "clips" / clip), text, language=obj.get("locale") or None)
+            yield SourceRow(dict(obj), Path(clip).stem, str(tsv.parent / "clips" / clip), text,
+                            language=obj.get("locale") or None, line=lineno)
 
 
 def from_hf_dataset(
@@ -143,4 +153,7 @@ def from_hf_dataset(
             yield Reject("missing_file", f"row {index} has no audio bytes or path", source, uid)
             continue
         text = obj.get(text_column)
-        yield SourceRow(source, uid, str(Path(file).resolve()), text if isinstance(text, str) else "", language=obj.get("language") or obj.get("locale"))
+        if not isinstance(text, str):
+            yield _not_text(text, text_column, f"{path} row {index}", source, uid, None)
+            continue
+        yield SourceRow(source, uid, str(Path(file).resolve()), text, language=obj.get("language") or obj.get("locale"))

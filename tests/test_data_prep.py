@@ -72,9 +72,10 @@ def test_every_bad_input_gets_its_reason(tmp_path):
     long = write(tmp_path / "long.wav", tone(3.0))
     (tmp_path / "text.wav").write_text("not audio at all\n" * 10)
     (tmp_path / "corrupt.flac").write_bytes(b"fLaC" + bytes(300))
+    (tmp_path / "zero.wav").write_bytes(b"")
     rows = [
         row(good), row(stereo), row(nan), row(empty), row(short), row(long), row(tmp_path / "text.wav"),
-        row(tmp_path / "corrupt.flac"), row(tmp_path / "missing.wav"), row(good, "   ", uid="blank"),
+        row(tmp_path / "corrupt.flac"), row(tmp_path / "zero.wav"), row(tmp_path / "missing.wav"), row(good, "   ", uid="blank"),
         row(good, uid="good"), row(good, "zzz", uid="unk"),
         row(good, uid="badtimes", words=[Word("hello", 0.3, 0.2), Word("world", 0.3, 0.4)]),
     ]
@@ -83,13 +84,13 @@ def test_every_bad_input_gets_its_reason(tmp_path):
     reasons = {r.id: r.reason for r in result.rejects}
     assert reasons == {
         "nan": "non_finite_samples", "empty": "empty_audio", "short": "too_short", "long": "too_long",
-        "text": "unreadable_audio", "corrupt": "unreadable_audio", "missing": "missing_file",
+        "text": "not_audio", "corrupt": "unreadable_audio", "zero": "empty_file", "missing": "missing_file",
         "blank": "empty_transcript", "good": "duplicate_id", "unk": "unencodable_text", "badtimes": "bad_word_timings",
     }
     assert [u.id for u in result.kept] == ["good", "stereo"]
     assert result.kept[1].duration == pytest.approx(0.5)
     assert all(r.source["audio"] for r in result.rejects)
-    assert result.summary().startswith("kept 2, rejected 11 (bad_word_timings: 1, duplicate_id: 1, empty_audio: 1,")
+    assert result.summary().startswith("kept 2, rejected 12 (bad_word_timings: 1, duplicate_id: 1, empty_audio: 1, empty_file: 1,")
 
 
 def test_segment_long_timed_recording_and_copy_audio(tmp_path):
@@ -202,11 +203,11 @@ def test_cli_writes_manifest_rejects_and_summary(tmp_path, capsys):
     (tmp_path / "in" / "bad.wav").write_text("text")
     (tmp_path / "in" / "bad.txt").write_text("Broken.")
     assert main(["folder", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
-    assert capsys.readouterr().out.splitlines()[0] == "kept 1, rejected 1 (unreadable_audio: 1)"
+    assert capsys.readouterr().out.splitlines()[0] == "kept 1, rejected 1 (not_audio: 1)"
     (u,) = read_manifest(tmp_path / "out" / "manifest.jsonl")
     assert (u.id, u.text, u.duration) == ("ok", "Fine.", pytest.approx(0.4))
     (rej,) = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
-    assert (rej["id"], rej["reason"], rej["source"]["transcript"]) == ("bad", "unreadable_audio", str(tmp_path / "in" / "bad.txt"))
+    assert (rej["id"], rej["reason"], rej["source"]["transcript"]) == ("bad", "not_audio", str(tmp_path / "in" / "bad.txt"))
     # validating the written manifest keeps the row as it is
     assert main(["validate", str(tmp_path / "out" / "manifest.jsonl"), "--out", str(tmp_path / "again")]) == 0
     assert read_manifest(tmp_path / "again" / "manifest.jsonl") == [u]

@@ -130,8 +130,9 @@ def utterance_from_json(row: dict[str, Any], base: Path, where: str) -> Utteranc
 BUNDLED_PREFIX = "bundled:"  # `bundled:train` names the bundled manifest wherever a manifest path is taken
 
 
-def jsonl_objects(path: Path) -> Iterator[tuple[str, str, Any]]:
-    """(`file:line`, the raw line, its parsed object or the JSONDecodeError) for each non-blank line of a JSONL file."""
+def jsonl_objects(path: Path) -> Iterator[tuple[str, str, Any, int]]:
+    """(`file:line`, the raw line, its parsed object or the JSONDecodeError, the line number) for each non-blank line
+    of a JSONL file."""
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -140,7 +141,7 @@ def jsonl_objects(path: Path) -> Iterator[tuple[str, str, Any]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 obj = err
-            yield f"{path}:{lineno}", line.rstrip("\n"), obj
+            yield f"{path}:{lineno}", line.rstrip("\n"), obj, lineno
 
 
 def read_manifest(path: str | os.PathLike) -> list[Utterance]:
@@ -150,7 +151,7 @@ def read_manifest(path: str | os.PathLike) -> list[Utterance]:
         path = bundled_manifest_path(str(path).removeprefix(BUNDLED_PREFIX))
     path = Path(path)
     rows = []
-    for where, _, obj in jsonl_objects(path):
+    for where, _, obj, _ in jsonl_objects(path):
         if isinstance(obj, json.JSONDecodeError):
             raise ManifestError(f"{where}: invalid JSON ({obj})")
         rows.append(utterance_from_json(obj, path.parent, where))
