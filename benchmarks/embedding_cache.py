@@ -24,6 +24,7 @@ from transformers import VoxtralRealtimeConfig, VoxtralRealtimeForConditionalGen
 
 from voxtral_train import flops
 from voxtral_train.batching import LengthBucketSampler
+from voxtral_train.config import PeftSettings
 from voxtral_train.dataset import StreamingDataset, collate
 from voxtral_train.delays import DelaySampler
 from voxtral_train.embedding_cache import AudioEmbeddingCache, cached_model_inputs, inner_model
@@ -32,7 +33,7 @@ from voxtral_train.manifest import bundled_manifest_path, read_manifest
 from voxtral_train.model import scaled_config
 from voxtral_train.patches import apply_training_fixes
 from voxtral_train.tokenizer import StreamingTokenizer
-from voxtral_train.trainable import PeftSettings, apply_trainable_policy
+from voxtral_train.trainable import apply_trainable_policy
 
 DELAYS_MS = (480, 960)
 MAX_POSITIONS_PER_BATCH = 768

@@ -6,8 +6,8 @@
 
 For each parameter mode (full fine-tuning first, then LoRA on the same weights) and each attention kernel (SDPA;
 flash_attention_2 when `flash_attn` imports) it runs `--warmup` untimed steps, then `--steps` timed steps between
-`torch.cuda.synchronize()` calls. A step = forward through `model.model`, the project's chunked, checkpointed CE
-(`voxtral_train.loss`) on random labels, backward, fused AdamW step. Full FT uses torch AdamW on the bf16 weights
+`torch.cuda.synchronize()` calls. A step = the trainer's own forward + chunked, checkpointed CE
+(`voxtral_train.streaming_lm.StreamingLM`) on random labels, backward, fused AdamW step. Full FT uses torch AdamW on the bf16 weights
 (bf16 moments, no fp32 master: 8 B/param) so it fits one 80 GB GPU; if the memory planner says the batch does not fit,
 gradient checkpointing is switched on and the line says so.
 
@@ -26,11 +26,12 @@ import torch
 from transformers import VoxtralRealtimeForConditionalGeneration
 
 from voxtral_train import flops, protocol
-from voxtral_train.loss import streaming_loss_sums
+from voxtral_train.config import PeftSettings
 from voxtral_train.memory_plan import GIB, plan_memory
 from voxtral_train.model import compile_layers, tiny_config, voxtral_mini_4b_config
 from voxtral_train.patches import apply_training_fixes
-from voxtral_train.trainable import PeftSettings, apply_trainable_policy, enable_gradient_checkpointing
+from voxtral_train.streaming_lm import StreamingLM, unwrap_peft
+from voxtral_train.trainable import apply_trainable_policy, enable_gradient_checkpointing
 
 SIZES = {"full": voxtral_mini_4b_config, "small": tiny_config}
 CPU_NOMINAL_TFLOPS = 1.0  # no meaningful CPU peak: MFU on CPU only checks the arithmetic
@@ -83,16 +84,14 @@ def random_batch(config, batch: int, positions: int, device: torch.device, dtype
         "input_features": torch.randn(batch, config.audio_config.num_mel_bins,
                                       protocol.MEL_FRAMES_PER_POSITION * positions, device=device, dtype=dtype),
         "labels": torch.randint(0, vocab, (batch, positions), device=device),
+        "num_delay_tokens": torch.full((batch,), DELAY_TOKENS, device=device),
     }
 
 
-def train_step(model, optimizer, batch: dict) -> None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.model(input_ids=batch["input_ids"], input_features=batch["input_features"],
-                        num_delay_tokens=DELAY_TOKENS, use_cache=False).last_hidden_state
-    sums = streaming_loss_sums(hidden, base.lm_head, batch["labels"], pad_id=0, pad_weight=1.0, text_weight=1.0,
-                               chunk_positions=CHUNK_POSITIONS)
-    (sums.weighted / batch["labels"].numel()).backward()
+def train_step(lm: StreamingLM, optimizer, batch: dict) -> None:
+    """The trainer's forward + loss (`StreamingLM`), backward, optimizer step."""
+    weighted, _ = lm(**batch)
+    (weighted / batch["labels"].numel()).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -102,26 +101,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(model, optimizer, batch: dict, warmup: int, steps: int, device: torch.device) -> float:
+def time_steps(lm: StreamingLM, optimizer, batch: dict, warmup: int, steps: int, device: torch.device) -> float:
     """Seconds per timed step, warmup excluded."""
     for _ in range(warmup):
-        train_step(model, optimizer, batch)
+        train_step(lm, optimizer, batch)
     _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        train_step(model, optimizer, batch)
+        train_step(lm, optimizer, batch)
     _sync(device)
     return (time.perf_counter() - start) / steps
 
 
 def set_attention(model, kernel: str) -> None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.set_attn_implementation(kernel)
+    unwrap_peft(model).set_attn_implementation(kernel)
 
 
 def run_mode(model, mode: str, kernels: list[str], args, device: torch.device, dtype: torch.dtype,
              peak: float) -> list[Result]:
-    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    config = unwrap_peft(model).config
     settings = PeftSettings(mode=mode)
     positions = flops.positions_for_clip(args.seconds)
     precision = "bf16" if dtype == torch.bfloat16 else "fp32"
@@ -146,7 +144,8 @@ def run_mode(model, mode: str, kernels: list[str], args, device: torch.device, d
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        seconds = time_steps(model, optimizer, batch, args.warmup, args.steps, device)
+        lm = StreamingLM(model, pad_id=0, chunk_positions=CHUNK_POSITIONS)  # random labels: every target weighs 1
+        seconds = time_steps(lm, optimizer, batch, args.warmup, args.steps, device)
         rate = args.batch * positions / seconds
         results.append(Result(
             mode=mode, attention=kernel, batch=args.batch, positions=positions, checkpointing=checkpointing,

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-from voxtral_train.loss import streaming_loss_sums
+from voxtral_train.config import PeftSettings
 from voxtral_train.memory_plan import plan_memory
 from voxtral_train.model import architecture_config, tiny_config
 from voxtral_train.patches import apply_training_fixes
-from voxtral_train.trainable import PeftSettings, apply_trainable_policy, enable_gradient_checkpointing
+from voxtral_train.streaming_lm import StreamingLM, unwrap_peft
+from voxtral_train.trainable import apply_trainable_policy, enable_gradient_checkpointing
 
 DELAY_TOKENS = 6
 SIZES = {
@@ -66,16 +67,14 @@ def random_batch(config, setup: Setup) -> dict[str, torch.Tensor]:
         "input_ids": torch.randint(0, vocab, (setup.batch, setup.positions)),
         "input_features": torch.randn(setup.batch, config.audio_config.num_mel_bins, 8 * setup.positions),
         "labels": torch.randint(0, vocab, (setup.batch, setup.positions)),
+        "num_delay_tokens": torch.full((setup.batch,), DELAY_TOKENS),
     }
 
 
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return _base(model).model(input_ids=batch["input_ids"], input_features=batch["input_features"],
-                              num_delay_tokens=DELAY_TOKENS, use_cache=False).last_hidden_state
+    """The forward up to the final hidden states (what the planner's activation term counts)."""
+    return unwrap_peft(model).model(input_ids=batch["input_ids"], input_features=batch["input_features"],
+                                    num_delay_tokens=batch["num_delay_tokens"], use_cache=False).last_hidden_state
 
 
 def saved_activation_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
@@ -96,11 +95,10 @@ def saved_activation_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor
 
 def train_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], setup: Setup, steps: int = 2) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    lm_head = _base(model).lm_head
+    lm = StreamingLM(model, pad_id=0, pad_weight=0.5, chunk_positions=setup.chunk_positions)  # the trainer's step
     for _ in range(steps):
-        sums = streaming_loss_sums(hidden_states(model, batch), lm_head, batch["labels"], pad_id=0, pad_weight=0.5,
-                                   text_weight=1.0, chunk_positions=setup.chunk_positions)
-        sums.weighted.backward()
+        weighted, _ = lm(**batch)
+        weighted.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -24,14 +24,14 @@ import time
 from typing import Any
 
 import torch
+from embedding_cache import DELAYS_MS, MAX_POSITIONS_PER_BATCH, lora_step, plain_inputs, scaled_lora_model
 from torch.utils.data import DataLoader
 
-from embedding_cache import DELAYS_MS, MAX_POSITIONS_PER_BATCH, lora_step, plain_inputs, scaled_lora_model
 from voxtral_train.batching import LengthBucketSampler
 from voxtral_train.dataset import StreamingDataset, collate
 from voxtral_train.delays import DelaySampler
 from voxtral_train.manifest import bundled_manifest_path, read_manifest
-from voxtral_train.targets import IGNORE_INDEX
+from voxtral_train.protocol import IGNORE_INDEX
 from voxtral_train.tokenizer import StreamingTokenizer
 
 HF_KEYS = ("input_features", "input_ids", "num_delay_tokens")

@@ -16,10 +16,10 @@ from voxtral_train.audio import load_audio
 from voxtral_train.batching import LengthBucketSampler, padding_fraction
 from voxtral_train.dataset import StreamingDataset, collate
 from voxtral_train.delays import DelaySampler
-from voxtral_train.manifest import segment_utterance
 from voxtral_train.features import log_mel, pad_audio
-from voxtral_train.manifest import Utterance, Word
-from voxtral_train.targets import IGNORE_INDEX, build_targets
+from voxtral_train.manifest import Utterance, Word, segment_utterance
+from voxtral_train.protocol import IGNORE_INDEX
+from voxtral_train.targets import build_targets
 from voxtral_train.tokenizer import StreamingTokenizer
 
 TOK = StreamingTokenizer.tiny()

@@ -13,7 +13,8 @@ from voxtral_train.embedding_cache import AudioEmbeddingCache, EmbeddingCacheErr
 from voxtral_train.features import log_mel, pad_audio, silence_value
 from voxtral_train.loss import streaming_loss_sums
 from voxtral_train.manifest import bundled_manifest_path, read_manifest
-from voxtral_train.trainable import PeftSettings, apply_trainable_policy
+from voxtral_train.config import PeftSettings
+from voxtral_train.trainable import apply_trainable_policy
 
 FRAMES = protocol.MEL_FRAMES_PER_POSITION
 

@@ -9,13 +9,12 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
+from tiny_inputs import tiny_logits
 
 from voxtral_train import export, export_checks
 from voxtral_train import mistral_format as mf
 from voxtral_train.model import load_model
 from voxtral_train.trainable import DECODER_LORA_REGEX, save_trainable
-from tiny_inputs import tiny_logits
-
 
 
 def lora_model(target_modules=DECODER_LORA_REGEX, rank: int = 8):

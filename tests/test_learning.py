@@ -12,7 +12,8 @@ from accelerate.state import AcceleratorState
 from voxtral_train import load_model
 from voxtral_train.evaluate import evaluate_model
 from voxtral_train.manifest import bundled_manifest_path, read_manifest
-from voxtral_train.train import compose_settings, train
+from voxtral_train.config import compose_settings
+from voxtral_train.train import train
 
 
 @pytest.mark.slow

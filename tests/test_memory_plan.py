@@ -11,7 +11,8 @@ import torch
 
 from voxtral_train import memory_plan as mp
 from voxtral_train.model import load_model, tiny_config, voxtral_mini_4b_config
-from voxtral_train.trainable import PeftSettings, apply_trainable_policy
+from voxtral_train.config import PeftSettings
+from voxtral_train.trainable import apply_trainable_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL, LORA = PeftSettings(mode="full"), PeftSettings(mode="lora")

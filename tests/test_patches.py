@@ -6,7 +6,8 @@ from peft import PeftModel
 from transformers.models.voxtral_realtime.modeling_voxtral_realtime import VoxtralRealtimeModel
 
 from voxtral_train import protocol
-from voxtral_train.trainable import PeftSettings, apply_trainable_policy, enable_gradient_checkpointing
+from voxtral_train.config import PeftSettings
+from voxtral_train.trainable import apply_trainable_policy, enable_gradient_checkpointing
 
 
 def _batch(model, batch=3, positions=10, seed=0):

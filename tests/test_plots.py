@@ -5,7 +5,7 @@ import json
 import pytest
 
 from voxtral_train.plots import plot_run, series
-from voxtral_train.train import main
+from voxtral_train.cli import main
 
 
 def _run_dir(tmp_path):

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from accelerate.state import AcceleratorState
 
-from voxtral_train.train import CONFIG_DIR, compose_settings, train
+from voxtral_train.config import CONFIG_DIR, compose_settings
+from voxtral_train.train import train
 
 RECIPES = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 # What each recipe is for, checked on the composed settings so an edit that breaks its intent fails here.

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from voxtral_train import protocol
 from voxtral_train.manifest import Word
-from voxtral_train.targets import IGNORE_INDEX, build_targets, frame_index, prompt_ids
+from voxtral_train.protocol import IGNORE_INDEX
+from voxtral_train.targets import build_targets, frame_index, prompt_ids
 from voxtral_train.tokenizer import StreamingTokenizer
 
 TOK = StreamingTokenizer.tiny()

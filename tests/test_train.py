@@ -9,7 +9,8 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from voxtral_train.checkpoint import complete_checkpoints
-from voxtral_train.train import compose_settings, train
+from voxtral_train.config import compose_settings
+from voxtral_train.train import train
 
 # A few steps, small batches, no tensorboard: the shape of a run, not its quality.
 FAST = ["train.warmup_steps=2", "logging.progress_bar=false", "logging.tensorboard=false", "train.log_every=1",

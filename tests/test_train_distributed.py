@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from accelerate.state import AcceleratorState
 
-from voxtral_train.train import compose_settings, train
+from voxtral_train.config import compose_settings
+from voxtral_train.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["train.max_steps=3", "train.warmup_steps=1", "optim.lr=3e-3", "data.max_positions_per_batch=300",

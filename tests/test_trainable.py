@@ -7,8 +7,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from voxtral_train import protocol
+from voxtral_train.config import PeftSettings
 from voxtral_train.trainable import (
-    PeftSettings,
     apply_trainable_policy,
     extra_trainable_state,
     parameter_counts,

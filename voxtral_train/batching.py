@@ -6,11 +6,10 @@ by rank itself, and can skip ahead to resume mid-epoch.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 class LengthBucketSampler(Sampler[list[int]]):
@@ -139,3 +138,17 @@ def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     real = sum(lengths[i] for b in batches for i in b)
     return 1.0 - real / padded
+
+
+def micro_batches(loader: DataLoader, sampler: LengthBucketSampler, epoch: int,
+                  consumed: int) -> Iterator[tuple[int, int, dict]]:
+    """(epoch, batches consumed in that epoch, batch), endlessly, starting after `consumed` batches of `epoch`.
+    The sampler and the dataset (its delays) are told each new epoch."""
+    while True:
+        sampler.set_epoch(epoch)
+        loader.dataset.set_epoch(epoch)
+        sampler.skip_batches(consumed)
+        for batch in loader:
+            consumed += 1
+            yield epoch, consumed, batch
+        epoch, consumed = epoch + 1, 0

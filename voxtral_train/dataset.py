@@ -19,7 +19,8 @@ from voxtral_train.audio import load_audio
 from voxtral_train.delays import DelaySampler
 from voxtral_train.features import log_mel, pad_audio, pad_features
 from voxtral_train.manifest import Utterance, segment_utterance, utterance_seconds
-from voxtral_train.targets import IGNORE_INDEX, Anchor, build_targets
+from voxtral_train.protocol import IGNORE_INDEX
+from voxtral_train.targets import Anchor, build_targets
 from voxtral_train.tokenizer import StreamingTokenizer
 
 # The tokenizer refuses any vocabulary whose [STREAMING_PAD] differs from this id, so collate may rely on it.

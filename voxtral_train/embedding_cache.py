@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from voxtral_train import features, protocol
 from voxtral_train.features import silence_value
+from voxtral_train.streaming_lm import unwrap_peft
 
 FORMAT_VERSION = 1
 _FRAMES = protocol.MEL_FRAMES_PER_POSITION
@@ -45,8 +45,7 @@ class EmbeddingCacheError(RuntimeError):
 
 def inner_model(model: torch.nn.Module) -> torch.nn.Module:
     """The `VoxtralRealtimeModel` (audio tower, projector, decoder) inside a plain or PEFT-wrapped model."""
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    return base.model
+    return unwrap_peft(model).model
 
 
 def _audio_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

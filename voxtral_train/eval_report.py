@@ -9,7 +9,8 @@ Input: a list of model results as `evaluate.evaluate_model` returns them, one pe
      "utterances": [{"delay_ms", "id", "reference", "hypothesis", ..., "words": [[word, emitted_s]]}, ...]}
 
 `report.json` holds everything but the per-utterance rows, which go to `errors.jsonl` (one line per model, delay
-and utterance, worst first within each model and delay).
+and utterance, worst first within each model and delay). A training run's `summary.md` (`write_run_summary`)
+links to the report of its final evaluation.
 """
 
 from __future__ import annotations
@@ -148,3 +149,29 @@ def write_report(out_dir: str | Path, results: Sequence[dict[str, Any]], setting
     path = out / "report.md"
     path.write_text(markdown_report(results, settings))
     return path
+
+
+def write_run_summary(run_dir: Path, *, name: str, model: str, peft_mode: str, zero_stage: int, step: int,
+                      max_steps: int, audio_seconds_seen: float, first_loss: float | None, last_loss: float | None,
+                      final_wer: float | None, final_eval_split: str, stopped: str | None) -> None:
+    """`<run>/summary.md`: what ran, how far, the loss from first to last step, the final WER and where to look."""
+    lines = [
+        f"# Run `{name}`",
+        "",
+        f"- model: `{model}`, parameters: `{peft_mode}`, DeepSpeed ZeRO stage {zero_stage or 'off'}",
+        f"- steps: {step} / {max_steps}, audio seen: {audio_seconds_seen / 3600:.3f} h",
+    ]
+    if first_loss is not None and last_loss is not None:
+        lines.append(f"- training loss: {first_loss:.4f} (first step) -> {last_loss:.4f} (last step)")
+    if final_wer is not None:
+        lines.append(f"- final WER on the {final_eval_split} manifest: {100 * final_wer:.1f}% "
+                     f"([report](eval/report.md), [per utterance](eval/errors.jsonl))")
+    if stopped:
+        lines.append(f"- **stopped early**: {stopped}")
+    if final_wer is not None:
+        lines += ["", f"![WER vs delay](eval/{PLOT_WER}) ![latency](eval/{PLOT_LATENCY})"]
+    lines += ["", f"Training curves: `voxtral-train plot {run_dir}` draws [loss](plots/loss.png), "
+              "[learning rate](plots/lr.png) and [eval WER](plots/wer.png).",
+              "", "Files: `config.yaml` (resolved settings), `metrics.jsonl`, `checkpoints/step_NNNNNN/`, "
+              "`final/` (weights to export), `tensorboard/`.", ""]
+    (run_dir / "summary.md").write_text("\n".join(lines))

@@ -19,21 +19,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from voxtral_train import protocol
 from voxtral_train.audio import load_audio
+from voxtral_train.batching import LengthBucketSampler
+from voxtral_train.config import Settings
+from voxtral_train.dataset import StreamingDataset, collate
 from voxtral_train.decode import Decoded, decode_threads, greedy_decode
+from voxtral_train.delays import DelaySampler
+from voxtral_train.distributed import MODEL_INPUTS, model_inputs
+from voxtral_train.eval_report import markdown_table, write_report
 from voxtral_train.features import log_mel, pad_audio, pad_features
+from voxtral_train.loss import STAT_NAMES
+from voxtral_train.loss import summarize as summarize_loss
 from voxtral_train.manifest import Utterance, read_manifest
 from voxtral_train.scoring import score_utterance, summarize, summarize_by_language
-from voxtral_train.eval_report import markdown_table, write_report
+from voxtral_train.streaming_lm import StreamingLM, unwrap_peft
 from voxtral_train.tokenizer import StreamingTokenizer
 
 PROBE_OFFSETS = (-2, -1, 0, 1, 2)
@@ -127,15 +137,12 @@ def probe_anchor(model, tokenizer: StreamingTokenizer, utterances: Sequence[Utte
                  batch_size: int = 8, offsets: Sequence[int] = PROBE_OFFSETS) -> list[dict[str, Any]]:
     """Teacher-forced loss of `model` on targets built with each anchor and frame offset (utterances need word
     times). One row per (anchor, offset): loss, pad_loss, text_loss, text_accuracy, target_tokens."""
-    from voxtral_train.dataset import StreamingDataset, collate
-    from voxtral_train.delays import DelaySampler
-    from voxtral_train.loss import streaming_loss_sums, summarize as summarize_loss
-
     untimed = [u.id for u in utterances if not u.words]
     if untimed:
         raise ValueError(f"probe-anchor needs word times; {len(untimed)} utterance(s) have none, e.g. {untimed[0]}")
     model.eval()
     device = next(model.parameters()).device
+    lm = StreamingLM(model, tokenizer.ids.streaming_pad)  # pad and text targets weigh the same here
     rows = []
     for anchor in PROBE_ANCHORS:
         for offset in offsets:
@@ -144,13 +151,8 @@ def probe_anchor(model, tokenizer: StreamingTokenizer, utterances: Sequence[Utte
             stats = None
             for first in range(0, len(dataset), batch_size):
                 batch = collate([dataset[i] for i in range(first, min(first + batch_size, len(dataset)))])
-                hidden = model.model(input_ids=batch["input_ids"].to(device),
-                                     input_features=batch["input_features"].to(device, model.dtype),
-                                     num_delay_tokens=batch["num_delay_tokens"].to(device), use_cache=False
-                                     ).last_hidden_state
-                sums = streaming_loss_sums(hidden, model.lm_head, batch["labels"].to(device),
-                                           tokenizer.ids.streaming_pad, pad_weight=1.0, text_weight=1.0)
-                stats = sums.stats() if stats is None else stats + sums.stats()
+                _, batch_stats = lm(**{key: batch[key].to(device) for key in MODEL_INPUTS})
+                stats = batch_stats if stats is None else stats + batch_stats
             rows.append({"anchor": anchor, "offset_frames": offset, **summarize_loss(stats)})
     return rows
 
@@ -163,6 +165,87 @@ def probe_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(f"| {r['anchor']} | {r['offset_frames']:+d} | {r['loss']:.4f}{mark} | {r['text_loss']:.4f} | "
                      f"{r['pad_loss']:.4f} | {100 * r['text_accuracy']:.1f} |")
     return "\n".join(lines)
+
+
+# --- evaluation inside a training run ----------------------------------------------------------------------------
+
+def eval_batches(dataset: StreamingDataset, max_positions: int) -> list[list[int]]:
+    """The held-out set's batches (index lists), in a fixed order: the same on every rank and every eval."""
+    return LengthBucketSampler(dataset.lengths_in_positions(), max_positions, shuffle=False).epoch_batches(0)
+
+
+def teacher_forced_eval(lm: torch.nn.Module, accelerator: Accelerator, dataset: StreamingDataset,
+                        batches: list[list[int]], chunk_positions: int, zero_stage: int) -> dict[str, float]:
+    """Loss statistics of the (wrapped) `StreamingLM` over `batches`, sharded over ranks. Every rank runs the same
+    number of forwards (ZeRO-3 gathers parameters collectively): a rank short of batches repeats the first one and
+    does not count it."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    mine = batches[rank::world]
+    total = torch.zeros(len(STAT_NAMES), device=accelerator.device)
+    lm.eval()
+    with torch.no_grad():
+        for i in range(math.ceil(len(batches) / world)):
+            counted = i < len(mine)
+            batch = collate([dataset[j] for j in (mine[i] if counted else batches[0])])
+            (inputs,) = model_inputs(accelerator, [batch], chunk_positions, zero_stage)
+            _, stats = lm(**inputs)
+            total += stats * float(counted)
+    lm.train()
+    return summarize_loss(accelerator.reduce(total, "sum").cpu())
+
+
+class RunEvaluator:
+    """The evaluations of a training run: periodic (teacher-forced loss on the held-out set plus a short WER) and
+    final (the same decode and report as `voxtral-eval`, written to `<run>/eval/`). Every rank decodes (ZeRO-3
+    gathers parameters collectively); the main process writes and prints."""
+
+    def __init__(self, accelerator: Accelerator, lm: torch.nn.Module, tokenizer: StreamingTokenizer,
+                 settings: Settings, held_out: StreamingDataset | None, log: Callable[..., None]):
+        self.accelerator, self.lm, self.tokenizer, self.settings = accelerator, lm, tokenizer, settings
+        self.held_out, self.log = held_out, log
+        self.batches = eval_batches(held_out, settings.data.max_positions_per_batch) if held_out else []
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The HF model being trained (LoRA layers injected), for decoding."""
+        return unwrap_peft(self.accelerator.unwrap_model(self.lm).model)
+
+    def periodic(self, step: int) -> None:
+        if self.held_out is None:
+            return
+        t, say = self.settings.train, self.accelerator.print
+        metrics = teacher_forced_eval(self.lm, self.accelerator, self.held_out, self.batches,
+                                      t.loss_chunk_positions, self.settings.deepspeed.zero_stage)
+        clips = self.held_out.utterances[: t.eval_wer_clips]
+        report = evaluate_model(self.model, self.tokenizer, clips, self.settings.data.delays_ms[:1], progress=False)
+        metrics["wer"] = report["delays"][0]["wer_norm"]
+        self.log(step, metrics, split="eval")
+        note = "  (no text yet: normal early in training)" if metrics["text_accuracy"] < 0.05 else ""
+        say(f"\neval step {step}: loss {metrics['loss']:.3f}, text accuracy {metrics['text_accuracy']:.2f}, "
+            f"WER {100 * metrics['wer']:.1f}% on {len(clips)} clips{note}")
+        for row in report["utterances"][:2]:
+            say(f"  ref: {row['reference']}\n  hyp: {row['hypothesis']}")
+
+    def final(self, step: int, run_dir: Path) -> float | None:
+        """Decode the train manifest (a memorisation check) or the held-out one at the configured delays; returns
+        the normalised WER at the first delay (None when `data.final_eval_split` is none)."""
+        data, say = self.settings.data, self.accelerator.print
+        if data.final_eval_split == "none":
+            return None
+        spec = data.train_manifest if data.final_eval_split == "train" else data.eval_manifest
+        is_main = self.accelerator.is_main_process
+        report = evaluate_model(self.model, self.tokenizer, read_manifest(spec), data.delays_ms,
+                                out_dir=run_dir / "eval" if is_main else None, name=self.settings.train.name,
+                                progress=is_main, manifest=spec)
+        first = report["delays"][0]
+        self.log(step, {key: value for key, value in first.items() if isinstance(value, (int, float))},
+                 split=f"final_{data.final_eval_split}")
+        say(f"final evaluation, {data.final_eval_split} manifest ({report['n_utterances']} clips) at "
+            f"{first['delay_ms']} ms: WER {100 * first['wer_norm']:.1f}% (normalised), {100 * first['wer_raw']:.1f}% "
+            f"(raw); report in {run_dir / 'eval'}")
+        for row in report["utterances"][:3]:
+            say(f"  ref: {row['reference']}\n  hyp: {row['hypothesis']}")
+        return first["wer_norm"]
 
 
 # --- command line -------------------------------------------------------------------------------------------------

@@ -25,9 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import VoxtralRealtimeConfig
 
-from voxtral_train import export_checks
+from voxtral_train import export_checks, protocol
 from voxtral_train import mistral_format as mf
-from voxtral_train import protocol
 from voxtral_train.trainable import EXTRA_TRAINABLE_FILE, find_adapter_dir
 
 # PEFT prefixes its keys with `base_model.model.` + the transformers module path; vLLM wants the Mistral-side

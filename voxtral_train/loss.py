@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from voxtral_train.protocol import IGNORE_INDEX
 
 
 @dataclass

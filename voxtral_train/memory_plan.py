@@ -38,8 +38,9 @@ import torch
 from transformers import VoxtralRealtimeConfig, VoxtralRealtimeForConditionalGeneration
 
 from voxtral_train import flops, protocol
+from voxtral_train.config import PeftSettings
 from voxtral_train.model import tiny_config, voxtral_mini_4b_config
-from voxtral_train.trainable import PeftSettings, apply_trainable_policy
+from voxtral_train.trainable import apply_trainable_policy
 
 Precision = Literal["bf16", "fp32"]
 Optimizer = Literal["adamw", "adamw8bit", "adamw_bf16", "adamw_offload"]
@@ -270,7 +271,7 @@ def main_plan(argv: list[str] | None = None) -> MemoryPlan:
     `voxtral-train plan +experiment=domain_lora_1gpu model.path=DIR` plans that recipe. Without a model override it
     plans the released shape (`model=voxtral_mini_4b model.path=released`), reading no weights.
     """
-    from voxtral_train.train import compose_settings  # the training CLI imports this module lazily too
+    from voxtral_train.config import compose_settings
 
     argv = sys.argv[1:] if argv is None else argv
     plan_items = [item for item in argv if item.lstrip("+").startswith("plan.")]

@@ -1,7 +1,7 @@
 """The streaming protocol of Voxtral Mini 4B Realtime: the one place that knows its numbers.
 
 Everything that places audio or text on the model's 80 ms grid imports from here
-(see ../shared/SPEC.md, "Token protocol"). Token *ids* are not here: they are read from the
+(docs/MODEL.md, "Token protocol"). Token *ids* are not here: they are read from the
 tokenizer (`voxtral_train.tokenizer`), which checks them against the values below.
 """
 
@@ -22,6 +22,7 @@ FRAME_RATE = SAMPLE_RATE / SAMPLES_PER_POSITION  # 12.5 positions per second
 N_LEFT_PAD_TOKENS = 32  # tekken.json audio.streaming_n_left_pad_tokens
 RIGHT_PAD_BUFFER_TOKENS = 10  # mistral-common OFFLINE_STREAMING_BUFFER_TOKENS: room for the last word
 DEFAULT_DELAY_MS = 480
+IGNORE_INDEX = -100  # label value the cross-entropy loss skips (PyTorch's default)
 
 # Expected token ids of the released tokenizer; the tokenizer module checks that its vocabulary agrees.
 EXPECTED_SPECIAL_IDS = {"<s>": 1, "</s>": 2, "<pad>": 11, "[STREAMING_PAD]": 32, "[STREAMING_WORD]": 33}

@@ -1,10 +1,13 @@
-"""Learning-rate schedule: linear warmup, then cosine or linear decay to `min_lr_ratio`, or constant."""
+"""The optimizer and its learning-rate schedule: AdamW over the trainable parameters; linear warmup, then cosine or
+linear decay to `min_lr_ratio`, or constant."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+from voxtral_train.config import OptimSettings
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, kind: str, min_lr_ratio: float) -> float:
@@ -29,3 +32,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, warmup_steps: int, tota
         return lr_factor(step, warmup_steps=warmup_steps, total_steps=total_steps, kind=kind, min_lr_ratio=min_lr_ratio)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_optimizer(optim: OptimSettings, model: torch.nn.Module) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; weight decay on matrices only (not norms or biases)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": optim.weight_decay},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)

@@ -38,7 +38,6 @@ from typing import Literal, Protocol, Sequence
 from voxtral_train import protocol
 from voxtral_train.tokenizer import StreamingTokenizer
 
-IGNORE_INDEX = -100  # label value the cross-entropy loss skips
 # Times come as decimal seconds (0.24 / 0.08 is 2.9999999999999996 in floats): a frame boundary within this many
 # frames counts as reached.
 _FRAME_EPS = 1e-6
@@ -55,7 +54,7 @@ class WordLike(Protocol):
 @dataclass(frozen=True)
 class StreamTargets:
     input_ids: list[int]  # x_0 .. x_{P-1}
-    labels: list[int]  # labels[p] = x_{p+1} where scored, else IGNORE_INDEX
+    labels: list[int]  # labels[p] = x_{p+1} where scored, else protocol.IGNORE_INDEX
     n_positions: int  # P
     extra_right_pad: int  # positions added to the standard right pad so that every word and EOS fit
     word_slots: list[int]  # per placed word: its slot q (the earliest index it may occupy)
@@ -120,6 +119,6 @@ def build_targets(
         stream[index] = token
     stream[eos] = ids.eos
     # Position p predicts x_{p+1}: scored from the last prompt position up to the one that predicts EOS.
-    labels = [IGNORE_INDEX] * n_positions
+    labels = [protocol.IGNORE_INDEX] * n_positions
     labels[len(prompt) - 1 : eos] = stream[len(prompt) : eos + 1]
     return StreamTargets(stream, labels, n_positions, extra, slots, positions, eos)

@@ -15,13 +15,13 @@ the target set is an exact regex instead (SPEC.md, "LoRA and vLLM"). vLLM ignore
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
+
+from voxtral_train.config import PeftSettings
 
 PROJECTIONS = r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 DECODER_LORA_REGEX = rf".*language_model\.(model\.)?layers\.\d+\.{PROJECTIONS}"
@@ -38,19 +38,6 @@ COMPONENTS = (
     ("decoder", re.compile(r"language_model")),
 )
 TABLE_ORDER = ("encoder", "adapter", "decoder", "delay conditioning", "embeddings", "other")
-
-
-@dataclass
-class PeftSettings:
-    mode: Literal["lora", "encoder_lora", "full"] = "lora"
-    rank: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    rslora: bool = False  # alpha / sqrt(rank) scaling instead of alpha / rank
-    unfreeze_encoder: bool = False  # train the causal audio encoder fully (LoRA modes)
-    unfreeze_adapter: bool = False  # train the audio->text projector fully (LoRA modes)
-    adapter_fp32: bool = True  # LoRA weights in fp32 (PEFT's default); false keeps them in the model dtype (bf16):
-    # no per-layer casts, +30 % LoRA throughput on an H100 (benchmarks/RESULTS.md), bf16 optimizer precision
 
 
 def apply_trainable_policy(model: torch.nn.Module, settings: PeftSettings) -> torch.nn.Module:
