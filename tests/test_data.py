@@ -145,7 +145,7 @@ def test_item_is_targets_plus_features(clips):
 
 
 def test_lengths_per_epoch_follow_the_drawn_delays(clips):
-    dataset = StreamingDataset(clips, TOK, DelaySampler.uniform(0, 2400), seed=4)
+    dataset = StreamingDataset(clips, TOK, DelaySampler.uniform(80, 2400), seed=4)
     at_max = dataset.lengths_in_positions()
     for epoch in (0, 1):
         dataset.set_epoch(epoch)
@@ -158,12 +158,12 @@ def test_lengths_per_epoch_follow_the_drawn_delays(clips):
 def test_item_reads_its_segment_and_draws_its_delay(clips):
     segment = Utterance(id="seg", audio=clips[0].audio, text="cat", offset=0.4, end=1.0,
                         words=[Word("cat", 0.05, 0.5)])
-    dataset = StreamingDataset([segment], TOK, DelaySampler.uniform(0, 2400), seed=3)
+    dataset = StreamingDataset([segment], TOK, DelaySampler.uniform(80, 2400), seed=3)
     delays = []
     for epoch in range(6):
         dataset.set_epoch(epoch)
         item = dataset[0]
-        delay = DelaySampler.uniform(0, 2400).draw(3, epoch, 0)
+        delay = DelaySampler.uniform(80, 2400).draw(3, epoch, 0)
         delays.append(delay)
         assert item["num_delay_tokens"].item() == delay
         assert item["n_positions"].item() == protocol.n_total_positions(int(0.6 * SR), delay)
@@ -314,3 +314,12 @@ def test_batches_feed_the_model_and_right_padding_changes_nothing(clips):
                           input_ids=batch["input_ids"][row : row + 1, :n],
                           num_delay_tokens=batch["num_delay_tokens"][row : row + 1], use_cache=False).logits
             torch.testing.assert_close(logits[row, :n], alone[0], atol=1e-4, rtol=1e-4)
+
+
+def test_a_delay_is_a_positive_multiple_of_one_position():
+    """0 ms passes nothing downstream (mistral-common refuses such a tekken.json), 100 ms is off the grid."""
+    for bad in (0, -80, 100):
+        with pytest.raises(ValueError, match="positive multiple of 80 ms"):
+            protocol.delay_ms_to_tokens(bad)
+    sampler = DelaySampler.choices([240, 2400])
+    assert sampler.delays_tokens == (3, 30) and sampler.delays_ms == (240, 2400)

@@ -78,7 +78,7 @@ def test_cli_merge_then_mistral_serves_the_peft_logits(decoder_lora, base_mistra
     merged, served = tmp_path / "merged", tmp_path / "served"
     assert export.main(["merge", "--base", "tiny", "--adapter", str(folder), "--out", str(merged)]) == 0
     assert (merged / "tekken.json").is_file()
-    assert export.main(["mistral", "--model", str(merged), "--out", str(served), "--dtype", "fp32",
+    assert export.main(["mistral", "--model", str(merged), "--out", str(served), "--dtype", "float32",
                         "--delay-ms", "960", "--reference", str(base_mistral)]) == 0
     out = capsys.readouterr().out
     assert (f"vllm serve {served} --tokenizer-mode mistral --config-format mistral --load-format mistral "
@@ -206,7 +206,9 @@ def test_check_with_reference_catches_q_left_in_hf_order(base_mistral, tmp_path,
     monkeypatch.undo()
     assert export_checks.check_folder(bad).ok  # names, shapes and dtypes cannot show the order
     problems = export_checks.check_folder(bad, reference=base_mistral).problems
-    assert len(problems) == 4 and all("HF rotate-half order" in p for p in problems)
+    # q and k of every decoder and encoder layer (2 + 2 layers in the tiny model); its encoder q biases are zero,
+    # so their order cannot be told apart (the bias test below gives them values)
+    assert len(problems) == 8 and all("HF rotate-half order" in p for p in problems)
 
 
 def test_check_catches_encoder_lora_keys_in_an_adapter(decoder_lora, tmp_path):
@@ -237,3 +239,119 @@ def test_check_catches_a_tokenizer_that_does_not_fit(base_mistral, tmp_path):
     (bad / "tekken.json").write_text(json.dumps(tekken))
     problems = "\n".join(export_checks.check_folder(bad).problems)
     assert "tokens, params.json vocab_size is" in problems and "no 'audio' section" in problems
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the checker at full power, the delay from the run, world-readable files
+
+
+def _model_with_biases():
+    """The tiny model with non-zero encoder q biases (zero biases look the same in any order)."""
+    model, tokenizer = load_model("tiny")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in model.model.audio_tower.layers:
+            layer.self_attn.q_proj.bias.copy_(torch.randn(layer.self_attn.q_proj.bias.shape, generator=g))
+    return model, tokenizer
+
+
+def _tampered(folder, name, change):
+    weights = folder / "consolidated.safetensors"
+    tensors = load_file(str(weights))
+    tensors[name] = change(tensors[name]).contiguous()
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+
+
+def test_check_with_reference_names_each_wrong_layer_bias_and_double_permutation(tmp_path):
+    model, tokenizer = _model_with_biases()
+    ref = mf.write_mistral_folder(tmp_path / "ref", model.config, model.state_dict(), tokenizer.tekken_path)
+    enc = "mm_streams_embeddings.embedding_module.whisper_encoder.transformer.layers.1.attention"
+    heads_kv, heads_enc = model.config.text_config.num_key_value_heads, model.config.audio_config.num_attention_heads
+    cases = {  # tensor -> what a faulty export would have written there
+        "layers.1.attention.wk.weight": (lambda w: mf.permute_for_rope(w, heads_kv), "HF rotate-half order"),
+        f"{enc}.wq.bias": (lambda w: mf.permute_for_rope(w, heads_enc), "HF rotate-half order"),
+        f"{enc}.wk.weight": (lambda w: mf.unpermute_for_rope(w, heads_enc), "applied twice"),
+    }
+    for name, (change, message) in cases.items():
+        bad = _copy(ref, tmp_path / name)
+        _tampered(bad, name, change)
+        assert export_checks.check_folder(bad).ok
+        problems = export_checks.check_folder(bad, reference=ref).problems
+        assert len(problems) == 1 and problems[0].startswith(name) and message in problems[0], problems
+    assert export_checks.check_folder(ref, reference=ref).ok
+
+
+def test_check_compares_the_tekken_audio_section_with_params_and_the_protocol(base_mistral, tmp_path):
+    bad = _copy(base_mistral, tmp_path / "bad")
+    tekken = json.loads((bad / "tekken.json").read_text(encoding="utf-8"))
+    tekken["audio"]["sampling_rate"] = 8000
+    tekken["audio"]["transcription_delay_ms"] = 0
+    (bad / "tekken.json").write_text(json.dumps(tekken), encoding="utf-8")
+    params = json.loads((bad / "params.json").read_text())
+    params["multimodal"]["whisper_model_args"]["encoder_args"]["audio_encoding_args"]["hop_length"] = 320
+    (bad / "params.json").write_text(json.dumps(params))
+    problems = export_checks.check_folder(bad).problems
+    assert "tekken.json audio.sampling_rate=8000: the streaming protocol needs 16000" in problems
+    assert "tekken.json audio.audio_encoding_config.hop_length=160 but params.json's audio_encoding_args say 320" in problems
+    assert any("transcription_delay_ms=0: needs a positive multiple of 80 ms" in p for p in problems)
+
+
+def test_exported_weights_are_world_readable(decoder_lora, base_mistral, tmp_path):
+    export.convert_adapter(decoder_lora[2], tmp_path / "a")
+    for path in [base_mistral / "consolidated.safetensors", tmp_path / "a" / "adapter_model.safetensors"]:
+        assert path.stat().st_mode & 0o044 == 0o044, oct(path.stat().st_mode)
+
+
+def _full_run(tmp_path, delays_ms):
+    """A run folder as a full fine-tune leaves it: final/ holds a whole HF model and the run's config.yaml."""
+    import yaml
+
+    model, tokenizer = load_model("tiny")
+    final = tmp_path / "run" / "final"
+    model.save_pretrained(final, safe_serialization=True)
+    shutil.copyfile(tokenizer.tekken_path, final / "tekken.json")
+    (final / "config.yaml").write_text(yaml.safe_dump({"data": {"delays_ms": delays_ms}}))
+    return final.parent, model
+
+
+def test_mistral_export_of_a_run_writes_the_delay_it_trained_at(tmp_path, capsys):
+    run, model = _full_run(tmp_path, [240])
+    served = tmp_path / "served"
+    assert export.main(["mistral", "--model", str(run), "--out", str(served)]) == 0
+    assert json.loads((served / "tekken.json").read_text(encoding="utf-8"))["audio"]["transcription_delay_ms"] == 240
+    assert "serving delay 240 ms, from the run's training delay" in capsys.readouterr().out
+    reloaded, _ = load_model(served, dtype="float32")
+    assert torch.allclose(tiny_logits(reloaded.eval()), tiny_logits(model.eval().to(torch.bfloat16).float()),
+                          atol=1e-5, rtol=0)
+
+
+def test_mistral_export_asks_for_the_delay_and_writes_nothing_until_every_argument_is_good(tmp_path, capsys):
+    run, _ = _full_run(tmp_path, [240, 480])
+    out = tmp_path / "served"
+    assert export.main(["mistral", "--model", str(run), "--out", str(out)]) == 1
+    assert "several delays [240, 480] ms" in capsys.readouterr().err and not out.exists()
+    for bad in ("0", "100"):
+        with pytest.raises(SystemExit) as exit_info:
+            export.main(["mistral", "--model", str(run), "--out", str(out), "--delay-ms", bad])
+        assert exit_info.value.code == 2 and "positive multiple of 80 ms" in capsys.readouterr().err
+        assert not out.exists()
+    assert export.main(["mistral", "--model", str(run), "--out", str(out), "--delay-ms", "960",
+                        "--reference", str(tmp_path)]) == 1
+    assert "is not a Mistral folder" in capsys.readouterr().err and not out.exists()
+
+
+def test_mistral_export_refuses_a_lora_run_and_names_the_merge(decoder_lora, tmp_path, capsys):
+    run = tmp_path / "lora_run"
+    shutil.copytree(decoder_lora[2], run / "final")
+    assert export.main(["mistral", "--model", str(run), "--out", str(tmp_path / "o"), "--delay-ms", "480"]) == 1
+    assert "voxtral-export merge --base BASE --adapter" in capsys.readouterr().err
+
+
+def test_mistral_export_accepts_a_mistral_folder_and_keeps_its_delay(base_mistral, tmp_path):
+    again = tmp_path / "again"
+    assert export.main(["mistral", "--model", str(base_mistral), "--out", str(again)]) == 0
+    assert load_file(str(again / "consolidated.safetensors")).keys() == load_file(
+        str(base_mistral / "consolidated.safetensors")).keys()
+    for name, tensor in load_file(str(base_mistral / "consolidated.safetensors")).items():
+        assert torch.equal(load_file(str(again / "consolidated.safetensors"))[name], tensor), name
+    assert json.loads((again / "tekken.json").read_text(encoding="utf-8"))["audio"]["transcription_delay_ms"] == 480

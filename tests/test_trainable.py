@@ -97,7 +97,7 @@ def test_save_trainable_writes_adapter_and_extra_tensors(tiny, tmp_path):
 def test_adapter_dtype_on_a_bf16_model(adapter_fp32, expected):
     from voxtral_train import load_model
 
-    model, _ = load_model("tiny", dtype="bf16")
+    model, _ = load_model("tiny", dtype="bfloat16")
     model = apply_trainable_policy(model, PeftSettings(adapter_fp32=adapter_fp32))
     assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {expected}
     assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {torch.bfloat16}

@@ -15,12 +15,10 @@ import yaml
 from accelerate import Accelerator
 from peft import PeftModel
 
-from voxtral_train.config import Settings, settings_to_dict
+from voxtral_train.config import RUN_CONFIG_FILE, Settings, settings_to_dict
 from voxtral_train.distributed import gathered_parameters
 from voxtral_train.tokenizer import StreamingTokenizer
 from voxtral_train.trainable import save_trainable
-
-RUN_CONFIG_FILE = "config.yaml"  # the resolved settings, in the run folder, every checkpoint and final/
 
 
 class RunWriter:

@@ -17,9 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from voxtral_train import protocol
+
 MISSING = "???"  # OmegaConf's mark for a value the user must set. Group files say `null` instead (merging "???"
 # onto a default keeps the default): null for a field that cannot be null means the same, "required, not set".
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+RUN_CONFIG_FILE = "config.yaml"  # the resolved settings, in a run folder, each of its checkpoints and final/
 DEFAULTS_NODE = "voxtral_defaults"  # ConfigStore name of `Settings()`, the first entry of configs/train.yaml
 Dtype = Literal["float32", "bfloat16", "float16"]  # weight dtypes, by torch's names, wherever a dtype is chosen
 
@@ -35,12 +38,13 @@ class ModelSettings:
 class DataSettings:
     train_manifest: str = "bundled:train"  # JSONL manifest path, or bundled:train / bundled:eval (espeak-ng set)
     eval_manifest: str | None = "bundled:eval"  # held-out manifest for periodic eval; null = none
-    delays_ms: list[int] = field(default_factory=lambda: [480])  # delays sampled per utterance (80 ms multiples)
+    delays_ms: list[int] = field(default_factory=lambda: [protocol.DEFAULT_DELAY_MS])  # sampled per utterance (80 ms grid)
     delay_weights: list[float] | None = None  # relative weight of each of delays_ms; null = equally likely
     anchor: Literal["end", "start"] = "end"  # a word's slot counts from its end (released model) or its start
-    max_seconds: float = 30.0  # longer utterances are skipped
+    max_seconds: float = 30.0  # longer utterances are cut at word boundaries (the pre-flight check says how many)
     max_positions_per_batch: int = 768  # micro-batch size in 80 ms positions (padding included), per process
-    num_workers: int = 0  # DataLoader worker processes
+    num_workers: int | None = None  # DataLoader worker processes; null = auto (the cores per process, minus one, <= 4)
+    pcm16: bool = True  # quantise audio to 16-bit PCM before the log-mel, as serving (mistral-common, vLLM) does
     audio_embedding_cache: bool = False  # plain LoRA only: run the frozen encoder once per clip, reuse it every epoch
     audio_embedding_cache_dir: str | None = None  # null = <train.output_root>/audio_embedding_cache (shared by runs)
     final_eval_split: Literal["train", "eval", "none"] = "train"  # decoded at the end: train = memorisation check
@@ -93,7 +97,15 @@ class TrainSettings:
     eval_wer_clips: int = 4  # clips decoded for the periodic WER
     save_every: int = 50  # checkpoint every N optimizer steps (and at the end); 0 = only at the end
     keep_last: int = 2  # complete checkpoints kept
-    resume: str | None = None  # null, latest, or a checkpoint folder
+    resume: str | None = None  # null, latest (newest checkpoint that verifies), or a checkpoint folder
+    # Resume although world size x batch, model, parameter mode, seed or train manifest changed (not exact then).
+    allow_inexact_resume: bool = False
+    # A NaN/inf loss: stop (before the update), or rollback: reload the last good checkpoint, skip the offending
+    # batch, multiply the lr by nonfinite_lr_scale, and stop after max_nonfinite_events such events.
+    on_nonfinite: Literal["stop", "rollback"] = "stop"
+    max_nonfinite_events: int = 3
+    nonfinite_lr_scale: float = 0.5
+    collective_timeout_s: float = 600.0  # several processes: a collective that waits longer (a hung rank) ends the run
 
 
 @dataclass
@@ -158,15 +170,19 @@ def value_problems(s: Settings) -> list[str]:
         (s.train.eval_every >= 0, f"train.eval_every: must be >= 0, got {s.train.eval_every}"),
         (s.train.save_every >= 0, f"train.save_every: must be >= 0, got {s.train.save_every}"),
         (s.train.keep_last >= 1, f"train.keep_last: must be >= 1, got {s.train.keep_last}"),
+        (s.train.max_nonfinite_events >= 1, f"train.max_nonfinite_events: must be >= 1, got {s.train.max_nonfinite_events}"),
+        (0 < s.train.nonfinite_lr_scale <= 1, f"train.nonfinite_lr_scale: must be in (0, 1], got {s.train.nonfinite_lr_scale}"),
+        (s.train.collective_timeout_s > 0, f"train.collective_timeout_s: must be > 0, got {s.train.collective_timeout_s}"),
         (bool(s.train.name) and "/" not in s.train.name, f"train.name: a folder name without '/', got {s.train.name!r}"),
-        (bool(s.data.delays_ms) and all(d > 0 and d % 80 == 0 for d in s.data.delays_ms),
-         f"data.delays_ms: positive multiples of 80 ms, got {s.data.delays_ms}"),
+        (bool(s.data.delays_ms) and all(_on_delay_grid(d) for d in s.data.delays_ms),
+         f"data.delays_ms: positive multiples of {protocol.POSITION_MS} ms, got {s.data.delays_ms}"),
         (s.data.delay_weights is None or (len(s.data.delay_weights) == len(s.data.delays_ms)
                                           and all(w >= 0 for w in s.data.delay_weights) and sum(s.data.delay_weights) > 0),
          f"data.delay_weights: one non-negative weight per delay of data.delays_ms, got {s.data.delay_weights}"),
         (s.data.max_seconds > 0, f"data.max_seconds: must be > 0, got {s.data.max_seconds}"),
         (s.data.max_positions_per_batch > 0, f"data.max_positions_per_batch: must be > 0, got {s.data.max_positions_per_batch}"),
-        (s.data.num_workers >= 0, f"data.num_workers: must be >= 0, got {s.data.num_workers}"),
+        (s.data.num_workers is None or s.data.num_workers >= 0,
+         f"data.num_workers: must be >= 0 (or null = auto), got {s.data.num_workers}"),
         (s.data.final_eval_split != "eval" or s.data.eval_manifest is not None,
          "data.final_eval_split: 'eval' needs data.eval_manifest"),
         (s.peft.rank > 0, f"peft.rank: must be > 0, got {s.peft.rank}"),
@@ -179,6 +195,14 @@ def value_problems(s: Settings) -> list[str]:
          "train.mixed_precision: use bf16 (or no) with DeepSpeed; fp16 loss scaling is not wired here"),
     ]
     return [message for ok, message in checks if not ok]
+
+
+def _on_delay_grid(delay_ms: int) -> bool:
+    try:
+        protocol.delay_ms_to_tokens(delay_ms)
+    except ValueError:
+        return False
+    return True
 
 
 def _convert(kind: Any, value: Any, key: str, problems: list[str]) -> Any:

@@ -17,26 +17,27 @@ from voxtral_train import protocol
 
 @dataclasses.dataclass(frozen=True)
 class DelaySampler:
-    """Which delay each training item gets: one value, a weighted set, or uniform over a range in 80 ms steps.
+    """Which delay each training item gets: one value, a weighted set, or uniform over a range on the 80 ms grid.
 
-    One model serves every delay through its delay conditioning, so training usually mixes them. A draw depends only
-    on (seed, epoch, index): reruns, resumed runs and any number of DataLoader workers see the same delays.
+    Built from milliseconds (the unit of configs and the command line), converted to tokens once here; a draw
+    depends only on (seed, epoch, index), so reruns, resumed runs and any number of DataLoader workers see the same
+    delays.
     """
 
-    delays_ms: tuple[int, ...]
-    weights: tuple[float, ...]  # same length as delays_ms, normalised to sum 1
+    delays_tokens: tuple[int, ...]
+    weights: tuple[float, ...]  # same length as delays_tokens, normalised to sum 1
 
     def __post_init__(self) -> None:
-        if not self.delays_ms or len(self.weights) != len(self.delays_ms):
-            raise ValueError(f"delay sampler needs one weight per delay, got {self.delays_ms} and {self.weights}")
-        for ms in self.delays_ms:
-            protocol.delay_ms_to_tokens(ms)  # raises for a delay off the 80 ms grid
+        if not self.delays_tokens or len(self.weights) != len(self.delays_tokens):
+            raise ValueError(f"delay sampler needs one weight per delay, got {self.delays_tokens} and {self.weights}")
+        if min(self.delays_tokens) < 1:
+            raise ValueError(f"delays must be at least one token, got {self.delays_tokens}")
         if min(self.weights) < 0 or not math.isclose(sum(self.weights), 1.0):
             raise ValueError(f"delay weights must be >= 0 and sum to 1, got {self.weights}")
 
     @classmethod
     def fixed(cls, delay_ms: int) -> "DelaySampler":
-        return cls((int(delay_ms),), (1.0,))
+        return cls((protocol.delay_ms_to_tokens(delay_ms),), (1.0,))
 
     @classmethod
     def choices(cls, delays_ms: Sequence[int], weights: Sequence[float] | None = None) -> "DelaySampler":
@@ -44,15 +45,16 @@ class DelaySampler:
         total = sum(weights)
         if total <= 0:
             raise ValueError(f"delay weights must have a positive sum, got {weights}")
-        return cls(tuple(int(ms) for ms in delays_ms), tuple(w / total for w in weights))
+        return cls(tuple(protocol.delay_ms_to_tokens(ms) for ms in delays_ms), tuple(w / total for w in weights))
 
     @classmethod
     def uniform(cls, min_ms: int, max_ms: int) -> "DelaySampler":
-        """Every multiple of 80 ms in [min_ms, max_ms], equally likely."""
+        """Every delay on the grid in [min_ms, max_ms], equally likely."""
         lo, hi = protocol.delay_ms_to_tokens(min_ms), protocol.delay_ms_to_tokens(max_ms)
         if hi < lo:
             raise ValueError(f"delay range is empty: min_ms={min_ms} > max_ms={max_ms}")
-        return cls.choices([protocol.delay_tokens_to_ms(t) for t in range(lo, hi + 1)])
+        n = hi - lo + 1
+        return cls(tuple(range(lo, hi + 1)), (1.0 / n,) * n)
 
     @classmethod
     def from_config(cls, cfg: int | Mapping[str, Any]) -> "DelaySampler":
@@ -73,12 +75,17 @@ class DelaySampler:
         )
 
     @property
+    def delays_ms(self) -> tuple[int, ...]:
+        """The delays in milliseconds, for reports and messages."""
+        return tuple(protocol.delay_tokens_to_ms(t) for t in self.delays_tokens)
+
+    @property
     def max_tokens(self) -> int:
-        return max(protocol.delay_ms_to_tokens(ms) for ms in self.delays_ms)
+        return max(self.delays_tokens)
 
     def draw(self, seed: int, epoch: int, index: int) -> int:
         """The delay in tokens of item `index` in `epoch`."""
-        if len(self.delays_ms) == 1:
-            return protocol.delay_ms_to_tokens(self.delays_ms[0])
+        if len(self.delays_tokens) == 1:
+            return self.delays_tokens[0]
         rng = np.random.default_rng([seed, epoch, index])
-        return protocol.delay_ms_to_tokens(self.delays_ms[rng.choice(len(self.delays_ms), p=self.weights)])
+        return self.delays_tokens[rng.choice(len(self.delays_tokens), p=self.weights)]

@@ -60,18 +60,20 @@ def _stack(features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
 
 
 def decode_utterances(model, tokenizer: StreamingTokenizer, utterances: Sequence[Utterance], delay_tokens: int,
-                      batch_size: int = 8, progress: bool = True, label: str = "") -> tuple[list[Decoded], float, float]:
+                      batch_size: int = 8, progress: bool = True, label: str = "",
+                      pcm16: bool = True) -> tuple[list[Decoded], float, float]:
     """Decode every utterance at one delay. Returns (decoded in input order, audio seconds, wall seconds).
     Utterances are batched by length, so a batch's samples finish at about the same step. Feature extraction and
-    decoding share `decode_threads` (one thread for small models on CPU)."""
+    decoding share `decode_threads` (one thread for small models on CPU). Audio is quantised to 16-bit PCM as
+    serving does, unless `pcm16` is false (`data.pcm16` of the run)."""
     with decode_threads(model):
-        return _decode_utterances(model, tokenizer, utterances, delay_tokens, batch_size, progress, label)
+        return _decode_utterances(model, tokenizer, utterances, delay_tokens, batch_size, progress, label, pcm16)
 
 
 def _decode_utterances(model, tokenizer: StreamingTokenizer, utterances: Sequence[Utterance], delay_tokens: int,
-                       batch_size: int, progress: bool, label: str) -> tuple[list[Decoded], float, float]:
+                       batch_size: int, progress: bool, label: str, pcm16: bool) -> tuple[list[Decoded], float, float]:
     device = next(model.parameters()).device
-    audio = [load_audio(u.audio, u.offset, u.end) for u in utterances]
+    audio = [load_audio(u.audio, u.offset, u.end, pcm16=pcm16) for u in utterances]
     order = sorted(range(len(audio)), key=lambda i: len(audio[i]))
     decoded: list[Decoded | None] = [None] * len(audio)
     audio_seconds = sum(len(a) for a in audio) / protocol.SAMPLE_RATE
@@ -94,7 +96,7 @@ def _decode_utterances(model, tokenizer: StreamingTokenizer, utterances: Sequenc
 def evaluate_model(model, tokenizer: StreamingTokenizer, utterances: Sequence[Utterance],
                    delays_ms: Sequence[int] = (protocol.DEFAULT_DELAY_MS,), out_dir: str | Path | None = None,
                    batch_size: int = 8, name: str = "model", progress: bool = True,
-                   manifest: str | None = None) -> dict[str, Any]:
+                   manifest: str | None = None, pcm16: bool = True) -> dict[str, Any]:
     """Decode `utterances` at each delay and score them; write a report into `out_dir` when given.
 
     Returns {"model", "n_utterances", "delays": [per-delay summary: wer_raw, wer_norm, cer_raw, cer_norm,
@@ -107,7 +109,7 @@ def evaluate_model(model, tokenizer: StreamingTokenizer, utterances: Sequence[Ut
         for delay_ms in delays_ms:
             delay = protocol.delay_ms_to_tokens(delay_ms)
             decoded, audio_s, wall_s = decode_utterances(model, tokenizer, utterances, delay, batch_size, progress,
-                                                         label=f"{name} @ {delay_ms} ms")
+                                                         label=f"{name} @ {delay_ms} ms", pcm16=pcm16)
             scores = [
                 score_utterance(u.id, u.text, d.text, u.language,
                                 [(w.word, w.end) for w in u.words] if u.words else None, d.words)
@@ -217,7 +219,8 @@ class RunEvaluator:
         metrics = teacher_forced_eval(self.lm, self.accelerator, self.held_out, self.batches,
                                       t.loss_chunk_positions, self.settings.deepspeed.zero_stage)
         clips = self.held_out.utterances[: t.eval_wer_clips]
-        report = evaluate_model(self.model, self.tokenizer, clips, self.settings.data.delays_ms[:1], progress=False)
+        report = evaluate_model(self.model, self.tokenizer, clips, self.settings.data.delays_ms[:1], progress=False,
+                                pcm16=self.settings.data.pcm16)
         metrics["wer"] = report["delays"][0]["wer_norm"]
         self.log(step, metrics, split="eval")
         note = "  (no text yet: normal early in training)" if metrics["text_accuracy"] < 0.05 else ""
@@ -236,7 +239,7 @@ class RunEvaluator:
         is_main = self.accelerator.is_main_process
         report = evaluate_model(self.model, self.tokenizer, read_manifest(spec), data.delays_ms,
                                 out_dir=run_dir / "eval" if is_main else None, name=self.settings.train.name,
-                                progress=is_main, manifest=spec)
+                                progress=is_main, manifest=spec, pcm16=data.pcm16)
         first = report["delays"][0]
         self.log(step, {key: value for key, value in first.items() if isinstance(value, (int, float))},
                  split=f"final_{data.final_eval_split}")
@@ -291,8 +294,9 @@ def eval_main(argv: Sequence[str]) -> int:
     parser.add_argument("--model", action="append", required=True,
                         help="'tiny', an HF-format or a Mistral-format folder; repeat to compare models")
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder, merged into every --model")
-    parser.add_argument("--delays", type=_delays, default=[protocol.DEFAULT_DELAY_MS],
-                        help="comma-separated delays in ms, multiples of 80 (default 480)")
+    parser.add_argument("--delays", type=_delays, default=None,
+                        help="comma-separated delays in ms, positive multiples of 80 (default: the delay in each "
+                             "model's tekken.json, what vLLM would serve it at)")
     _common(parser)
     args = parser.parse_args(argv)
     utterances = _utterances(args.manifest, args.limit)
@@ -300,10 +304,11 @@ def eval_main(argv: Sequence[str]) -> int:
     for source in args.model:
         model, tokenizer = load_for_eval(source, args.adapter, args.dtype, args.device)
         name = source if args.adapter is None else f"{source}+{Path(args.adapter).name}"
-        results.append(evaluate_model(model, tokenizer, utterances, args.delays, batch_size=args.batch_size,
-                                      name=name))
+        delays = args.delays or [tokenizer.default_delay_ms]
+        results.append(evaluate_model(model, tokenizer, utterances, delays, batch_size=args.batch_size, name=name))
         del model
-    settings = {"manifest": str(args.manifest), "delays_ms": args.delays, "models": args.model,
+    used = sorted({d["delay_ms"] for r in results for d in r["delays"]})
+    settings = {"manifest": str(args.manifest), "delays_ms": used, "models": args.model,
                 "adapter": args.adapter, "limit": args.limit, "dtype": args.dtype}
     path = write_report(args.out, results, settings)
     print(markdown_table(results))
@@ -316,14 +321,15 @@ def probe_main(argv: Sequence[str]) -> int:
                                      description="Teacher-forced loss on targets anchored at word end vs start.")
     parser.add_argument("--model", required=True)
     parser.add_argument("--adapter", default=None)
-    parser.add_argument("--delay", type=int, default=protocol.DEFAULT_DELAY_MS, help="delay in ms")
+    parser.add_argument("--delay", type=int, default=None, help="delay in ms (default: the model's tekken.json)")
     _common(parser)
     args = parser.parse_args(argv)
     model, tokenizer = load_for_eval(args.model, args.adapter, args.dtype, args.device)
-    rows = probe_anchor(model, tokenizer, _utterances(args.manifest, args.limit), args.delay, args.batch_size)
+    delay_ms = args.delay or tokenizer.default_delay_ms
+    rows = probe_anchor(model, tokenizer, _utterances(args.manifest, args.limit), delay_ms, args.batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"model": args.model, "adapter": args.adapter, "manifest": args.manifest, "delay_ms": args.delay,
+    payload = {"model": args.model, "adapter": args.adapter, "manifest": args.manifest, "delay_ms": delay_ms,
                "rows": rows, "lowest": min(rows, key=lambda r: r["loss"])}
     (out / "probe_anchor.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(probe_table(rows))

@@ -10,8 +10,9 @@ Three kinds, detected from the files present:
 
 What the checker cannot see from one folder: whether q/k rows are in Mistral (interleaved) or HF (rotate-half) order.
 Both orders have identical names, shapes and dtypes. Give `reference=` (a Mistral folder of the model this one was
-fine-tuned from) and it compares the first decoder and encoder layer's q/k with the reference in both orders:
-fine-tuning moves weights a little, a skipped permutation moves them a lot.
+fine-tuned from) and it compares every RoPE-permuted tensor (q and k of every decoder and encoder layer, and the
+encoder's q bias) with the reference as written, with the HF permutation undone, and with it applied once more:
+fine-tuning moves weights a little, a skipped or doubled permutation moves them a lot.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def _load_json(file: Path, report: CheckReport) -> dict | None:
         report.problems.append(f"{file.name} is missing")
         return None
     try:
-        return json.loads(file.read_text())
+        return json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         report.problems.append(f"{file.name} is not valid JSON: {err}")
         return None
@@ -132,10 +133,13 @@ def _key_paths(d: dict, prefix: str = "") -> set[str]:
     return keys
 
 
-def _check_tekken(path: Path, vocab_size: int | None, report: CheckReport) -> None:
+def _check_tekken(path: Path, params: dict | None, report: CheckReport) -> None:
+    """tekken.json: its vocabulary fits the model, and its `audio` section agrees with params.json and with the
+    streaming protocol this trainer (and vLLM) build the stream with."""
     tekken = _load_json(path / mf.TEKKEN_FILE, report)
     if tekken is None:
         return
+    vocab_size = params.get("vocab_size") if params else None
     n_tokens = tekken.get("config", {}).get("default_vocab_size")
     if isinstance(n_tokens, int) and isinstance(vocab_size, int) and n_tokens > vocab_size:
         report.problems.append(f"{mf.TEKKEN_FILE} has {n_tokens} tokens, params.json vocab_size is {vocab_size}")
@@ -147,7 +151,28 @@ def _check_tekken(path: Path, vocab_size: int | None, report: CheckReport) -> No
     try:
         protocol.delay_ms_to_tokens(float(delay))
     except (TypeError, ValueError):
-        report.problems.append(f"{mf.TEKKEN_FILE} audio.transcription_delay_ms={delay!r}: needs a multiple of 80 ms")
+        report.problems.append(f"{mf.TEKKEN_FILE} audio.transcription_delay_ms={delay!r}: needs a positive multiple "
+                               f"of {protocol.POSITION_MS} ms")
+    encoding = audio.get("audio_encoding_config") or {}
+    args = ((params or {}).get("multimodal", {}).get("whisper_model_args", {}).get("encoder_args", {})
+            .get("audio_encoding_args", {}))
+    expected = {  # tekken.json field -> (its value, what the protocol needs, params.json's value or None)
+        "sampling_rate": (audio.get("sampling_rate"), protocol.SAMPLE_RATE, args.get("sampling_rate")),
+        "frame_rate": (audio.get("frame_rate"), protocol.FRAME_RATE, args.get("frame_rate")),
+        "streaming_n_left_pad_tokens": (audio.get("streaming_n_left_pad_tokens"), protocol.N_LEFT_PAD_TOKENS, None),
+        "audio_encoding_config.num_mel_bins": (encoding.get("num_mel_bins"), protocol.NUM_MEL_BINS,
+                                               args.get("num_mel_bins")),
+        "audio_encoding_config.hop_length": (encoding.get("hop_length"), protocol.HOP_LENGTH, args.get("hop_length")),
+        "audio_encoding_config.window_size": (encoding.get("window_size"), protocol.WINDOW_SIZE,
+                                              args.get("window_size")),
+    }
+    for name, (value, protocol_value, params_value) in expected.items():
+        if value != protocol_value:
+            report.problems.append(f"{mf.TEKKEN_FILE} audio.{name}={value!r}: the streaming protocol needs "
+                                   f"{protocol_value!r}")
+        elif params_value is not None and params_value != value:
+            report.problems.append(f"{mf.TEKKEN_FILE} audio.{name}={value!r} but params.json's audio_encoding_args "
+                                   f"say {params_value!r}")
 
 
 def _check_stale(path: Path, legit: set[str], report: CheckReport) -> None:
@@ -158,7 +183,7 @@ def _check_stale(path: Path, legit: set[str], report: CheckReport) -> None:
 
 def _check_mistral(path: Path, report: CheckReport, reference: str | Path | None) -> None:
     params = _load_json(path / mf.PARAMS_FILE, report)
-    _check_tekken(path, params.get("vocab_size") if params else None, report)
+    _check_tekken(path, params, report)
     if params is None:
         return
     try:
@@ -183,16 +208,10 @@ def _check_mistral(path: Path, report: CheckReport, reference: str | Path | None
         _check_rope_order(path, files, Path(reference), config, report)
 
 
-def _rope_probe_names(config) -> dict[str, int]:
-    """Mistral names of the first decoder and encoder layer's q/k weights -> heads their rows are grouped by."""
-    enc = "mm_streams_embeddings.embedding_module.whisper_encoder.transformer.layers.0.attention"
-    text, audio = config.text_config, config.audio_config
-    return {
-        "layers.0.attention.wq.weight": text.num_attention_heads,
-        "layers.0.attention.wk.weight": text.num_key_value_heads,
-        f"{enc}.wq.weight": audio.num_attention_heads,
-        f"{enc}.wk.weight": audio.num_attention_heads,
-    }
+def _rope_tensors(config) -> dict[str, int]:
+    """Mistral name -> heads its rows are grouped by, for every RoPE-permuted tensor of the config."""
+    return {name: heads for name, hf_name in mf.name_map(config).items()
+            if (heads := mf.rope_heads_for(hf_name, config)) is not None}
 
 
 def _read_tensor(files: list[Path], name: str) -> torch.Tensor:
@@ -204,21 +223,24 @@ def _read_tensor(files: list[Path], name: str) -> torch.Tensor:
 
 
 def _check_rope_order(path: Path, files: list[Path], reference: Path, config, report: CheckReport) -> None:
-    """A tensor nearer to the reference after undoing the HF permutation was written in HF order."""
+    """Each q/k tensor must be nearest to the reference as written: nearer after undoing the HF permutation means
+    it was written in HF order; nearer after applying it once more means the permutation was applied twice."""
     ref_files = mf.weight_files(reference)
-    for name, heads in _rope_probe_names(config).items():
+    for name, heads in _rope_tensors(config).items():
         w, ref = _read_tensor(files, name), _read_tensor(ref_files, name)
         if w.shape != ref.shape:
             report.problems.append(f"{name}: shape {list(w.shape)} differs from the reference's {list(ref.shape)}")
             continue
         as_is = (w - ref).norm().item()
-        unpermuted = (mf.unpermute_for_rope(w, heads) - ref).norm().item()
-        if unpermuted < as_is:
-            report.problems.append(
-                f"{name} matches the reference only after undoing the HF RoPE permutation: "
-                "it was written in HF rotate-half order, vLLM needs Mistral interleaved order"
-            )
-    report.notes.append(f"RoPE order compared with {reference}")
+        undone = (mf.unpermute_for_rope(w, heads) - ref).norm().item()
+        redone = (mf.permute_for_rope(w, heads) - ref).norm().item()
+        if undone < min(as_is, redone):
+            report.problems.append(f"{name} matches the reference only after undoing the HF RoPE permutation: it was "
+                                   "written in HF rotate-half order, vLLM needs Mistral interleaved order")
+        elif redone < as_is:
+            report.problems.append(f"{name} matches the reference only after one more RoPE permutation: the HF -> "
+                                   "Mistral permutation was applied twice")
+    report.notes.append(f"RoPE order compared with {reference} ({len(_rope_tensors(config))} q/k tensors)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -118,7 +118,8 @@ def rope_heads(config: VoxtralRealtimeConfig) -> dict[str, int]:
     }
 
 
-def _rope_heads_for(hf_name: str, config: VoxtralRealtimeConfig) -> int | None:
+def rope_heads_for(hf_name: str, config: VoxtralRealtimeConfig) -> int | None:
+    """Heads the rows of `hf_name` are grouped by, if it is RoPE-permuted (q/k weights, encoder q bias)."""
     for pattern, heads in rope_heads(config).items():
         if re.fullmatch(pattern, hf_name):
             return heads
@@ -179,7 +180,7 @@ def mistral_to_hf_state_dict(sd: dict[str, torch.Tensor], params: dict) -> dict[
     _check_names(set(sd), set(names), "Mistral checkpoint")
     out = {}
     for m_name, hf_name in names.items():
-        heads = _rope_heads_for(hf_name, config)
+        heads = rope_heads_for(hf_name, config)
         out[hf_name] = sd[m_name] if heads is None else permute_for_rope(sd[m_name], heads)
     out[HF_TIED_HEAD] = out[HF_EMBED]
     return out
@@ -198,7 +199,7 @@ def hf_to_mistral_state_dict(sd: dict[str, torch.Tensor], config: VoxtralRealtim
         )
     out = {}
     for m_name, hf_name in names.items():
-        heads = _rope_heads_for(hf_name, config)
+        heads = rope_heads_for(hf_name, config)
         out[m_name] = sd[hf_name] if heads is None else unpermute_for_rope(sd[hf_name], heads)
     return out
 
@@ -396,13 +397,22 @@ def _shards(sd: dict[str, torch.Tensor], shard_bytes: int) -> list[dict[str, tor
 
 
 def write_tekken(src: str | Path, dst: Path, delay_ms: int) -> None:
-    """Copy tekken.json with `audio.transcription_delay_ms` set: vLLM reads the serving delay from there."""
-    protocol.delay_ms_to_tokens(delay_ms)  # validates: a multiple of 80 ms
-    data = json.loads(Path(src).read_text())
+    """Copy tekken.json with `audio.transcription_delay_ms` set: vLLM reads the serving delay from there.
+    Read and written as UTF-8 whatever the locale: the vocabulary holds every script."""
+    protocol.delay_ms_to_tokens(delay_ms)  # validates: a positive multiple of 80 ms
+    data = json.loads(Path(src).read_text(encoding="utf-8"))
     if not data.get("audio"):
         raise MistralFormatError(f"{src}: no 'audio' section, not the Voxtral Realtime tokenizer (use the base's)")
     data["audio"]["transcription_delay_ms"] = float(delay_ms)
-    dst.write_text(json.dumps(data, ensure_ascii=False))
+    dst.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+
+
+def make_world_readable(folder: Path) -> None:
+    """safetensors creates its files 0600; a server running as another user could not read them. Files become
+    0644 (owner writes, everyone reads), as `cp` or a download would leave them."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o644)
 
 
 def write_mistral_folder(
@@ -437,4 +447,5 @@ def write_mistral_folder(
         total = sum(t.numel() * t.element_size() for t in sd.values())
         (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     write_tekken(tekken_src, path / TEKKEN_FILE, delay_ms)
+    make_world_readable(path)
     return path

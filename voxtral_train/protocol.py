@@ -17,6 +17,7 @@ GLOBAL_LOG_MEL_MAX = 1.5
 MEL_FRAMES_PER_POSITION = 8  # conv stride 2, then 4 encoder frames concatenated by the adapter
 SAMPLES_PER_POSITION = HOP_LENGTH * MEL_FRAMES_PER_POSITION  # 1280 samples = 80 ms = one decoder token
 POSITION_SECONDS = SAMPLES_PER_POSITION / SAMPLE_RATE  # 0.08
+POSITION_MS = 1000 * SAMPLES_PER_POSITION // SAMPLE_RATE  # 80: delays are whole multiples of it
 FRAME_RATE = SAMPLE_RATE / SAMPLES_PER_POSITION  # 12.5 positions per second
 
 N_LEFT_PAD_TOKENS = 32  # tekken.json audio.streaming_n_left_pad_tokens
@@ -29,15 +30,16 @@ EXPECTED_SPECIAL_IDS = {"<s>": 1, "</s>": 2, "<pad>": 11, "[STREAMING_PAD]": 32,
 
 
 def delay_ms_to_tokens(delay_ms: float) -> int:
-    """480 ms -> 6. Delays must be whole multiples of 80 ms (the model has no finer grid)."""
-    tokens = delay_ms / (POSITION_SECONDS * 1000)
-    if delay_ms < 0 or abs(tokens - round(tokens)) > 1e-6:
-        raise ValueError(f"delay {delay_ms} ms is not a non-negative multiple of {POSITION_SECONDS * 1000:.0f} ms")
+    """480 ms -> 6. A delay is a positive whole multiple of 80 ms: the model has no finer grid, and a zero delay
+    is refused by mistral-common when it reads tekken.json (the model card covers 240-2400 ms)."""
+    tokens = delay_ms / POSITION_MS
+    if tokens < 1 - 1e-6 or abs(tokens - round(tokens)) > 1e-6:
+        raise ValueError(f"delay {delay_ms} ms is not a positive multiple of {POSITION_MS} ms")
     return int(round(tokens))
 
 
 def delay_tokens_to_ms(delay_tokens: int) -> int:
-    return int(round(delay_tokens * POSITION_SECONDS * 1000))
+    return delay_tokens * POSITION_MS
 
 
 def n_right_pad_tokens(delay_tokens: int) -> int:

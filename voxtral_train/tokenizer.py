@@ -72,7 +72,7 @@ class StreamingTokenizer:
             streaming_pad=self._special_id("[STREAMING_PAD]"),
             streaming_word=self._special_id("[STREAMING_WORD]"),
         )
-        audio = json.loads(self.tekken_path.read_text()).get("audio")
+        audio = json.loads(self.tekken_path.read_text(encoding="utf-8")).get("audio")
         if not audio:
             raise TokenizerError(f"{self.tekken_path} has no 'audio' section: not a Voxtral Realtime tokenizer")
         self.default_delay_ms = int(audio.get("transcription_delay_ms") or protocol.DEFAULT_DELAY_MS)
@@ -124,7 +124,7 @@ def write_tiny_tekken(path: Path, num_bpe_ranks: int = TINY_NUM_BPE_RANKS) -> Pa
     import mistral_common
 
     source = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
-    shipped = json.loads(source.read_text())
+    shipped = json.loads(source.read_text(encoding="utf-8"))
     specials = [
         {"rank": t["rank"], "token_str": str(t["token_str"]), "is_control": True}
         for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS
