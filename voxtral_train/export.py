@@ -228,19 +228,11 @@ def vllm_adapter_key(peft_key: str) -> str:
 
 def vllm_adapter_config(peft_config: dict, source: Path) -> dict:
     """The fields vLLM reads; refuses what vLLM would reject or silently drop."""
-    refusals = [
-        (peft_config.get("peft_type", "LORA") != "LORA", f"peft_type {peft_config.get('peft_type')} is not LORA"),
-        (bool(peft_config.get("use_dora")), "DoRA adapters are not served by vLLM"),
-        (bool(peft_config.get("modules_to_save")), f"modules_to_save={peft_config.get('modules_to_save')}"),
-        (peft_config.get("bias", "none") != "none", f"bias={peft_config.get('bias')!r} (vLLM needs 'none')"),
-        (bool(peft_config.get("rank_pattern") or peft_config.get("alpha_pattern")), "per-module rank/alpha patterns"),
-        (peft_config.get("r") not in export_checks.VLLM_LORA_RANKS, f"rank r={peft_config.get('r')} is outside vLLM's "
-         f"{list(export_checks.VLLM_LORA_RANKS)}"),
-        ((source / EXTRA_TRAINABLE_FILE).is_file(), f"{EXTRA_TRAINABLE_FILE}: fully trained encoder/projector weights"),
-    ]
-    for refused, why in refusals:
-        if refused:
-            raise ExportError(f"{source}: {why}; {_USE_MERGE}")
+    refusals = export_checks.adapter_config_problems(peft_config)
+    if (source / EXTRA_TRAINABLE_FILE).is_file():
+        refusals.append(f"{EXTRA_TRAINABLE_FILE}: fully trained encoder/projector weights")
+    if refusals:
+        raise ExportError(f"{source}: {'; '.join(refusals)}; {_USE_MERGE}")
     return {
         "peft_type": "LORA",
         "r": peft_config["r"],

@@ -247,21 +247,27 @@ def _check_rope_order(path: Path, files: list[Path], reference: Path, config, re
 # adapter
 
 
+def adapter_config_problems(cfg: dict) -> list[str]:
+    """vLLM's rules for a LoRA adapter_config, as problems (empty when it serves). `voxtral-export adapter` refuses a
+    PEFT config with any of them; `check` reports them in a written folder: one list for both."""
+    rules = [
+        (cfg.get("peft_type", "LORA") == "LORA", f"peft_type {cfg.get('peft_type')!r} is not LORA"),
+        (cfg.get("r") in VLLM_LORA_RANKS, f"r={cfg.get('r')!r}: vLLM supports ranks {list(VLLM_LORA_RANKS)}"),
+        (bool(cfg.get("lora_alpha")), "lora_alpha is missing"),
+        (cfg.get("bias", "none") == "none", f"bias={cfg.get('bias')!r}: vLLM needs 'none'"),
+        (not cfg.get("modules_to_save"), f"modules_to_save={cfg.get('modules_to_save')}: vLLM rejects it"),
+        (not cfg.get("use_dora"), "use_dora=true: vLLM does not serve DoRA"),
+        (not (cfg.get("rank_pattern") or cfg.get("alpha_pattern")), "per-module rank/alpha patterns: vLLM ignores them"),
+    ]
+    return [problem for ok, problem in rules if not ok]
+
+
 def _check_adapter(path: Path, report: CheckReport, reference: str | Path | None) -> None:
     cfg = _load_json(path / ADAPTER_CONFIG, report)
     if cfg is not None:
-        rank = cfg.get("r")
-        if rank not in VLLM_LORA_RANKS:
-            report.problems.append(f"adapter_config.json r={rank!r}: vLLM supports ranks {list(VLLM_LORA_RANKS)}")
-        for key in ("lora_alpha", "target_modules"):
-            if not cfg.get(key):
-                report.problems.append(f"adapter_config.json lacks '{key}'")
-        if cfg.get("bias", "none") != "none":
-            report.problems.append(f"adapter_config.json bias={cfg['bias']!r}: vLLM needs 'none'")
-        if cfg.get("modules_to_save"):
-            report.problems.append(f"adapter_config.json modules_to_save={cfg['modules_to_save']}: vLLM rejects it")
-        if cfg.get("use_dora"):
-            report.problems.append("adapter_config.json use_dora=true: vLLM does not serve DoRA")
+        report.problems += [f"adapter_config.json {p}" for p in adapter_config_problems(cfg)]
+        if not cfg.get("target_modules"):
+            report.problems.append("adapter_config.json lacks 'target_modules'")
     if (path / EXTRA_TRAINABLE_FILE).is_file():
         report.problems.append(f"{EXTRA_TRAINABLE_FILE} beside the adapter: vLLM would ignore these trained weights")
     weights = path / ADAPTER_WEIGHTS
