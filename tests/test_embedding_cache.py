@@ -7,13 +7,18 @@ import torch
 
 from voxtral_train import protocol
 from voxtral_train.audio import load_audio
+from voxtral_train.config import PeftSettings
 from voxtral_train.dataset import StreamingDataset, collate
 from voxtral_train.delays import DelaySampler
-from voxtral_train.embedding_cache import AudioEmbeddingCache, EmbeddingCacheError, cached_model_inputs, inner_model
+from voxtral_train.embedding_cache import (
+    AudioEmbeddingCache,
+    EmbeddingCacheError,
+    inner_model,
+)
 from voxtral_train.features import log_mel, pad_audio, silence_value
-from voxtral_train.loss import streaming_loss_sums
+from voxtral_train.loss import STAT_NAMES
 from voxtral_train.manifest import bundled_manifest_path, read_manifest
-from voxtral_train.config import PeftSettings
+from voxtral_train.streaming_lm import StreamingLM
 from voxtral_train.trainable import apply_trainable_policy
 
 FRAMES = protocol.MEL_FRAMES_PER_POSITION
@@ -60,21 +65,20 @@ def train_losses(tiny, rows, cache_root=None, epochs=2):
     data = dataset(rows, tokenizer)
     cache = AudioEmbeddingCache(cache_root, model, data.delay_sampler.max_tokens) if cache_root else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    base = model.get_base_model()
+    lm = StreamingLM(model, tokenizer.ids.streaming_pad, pad_weight=0.5)  # the trainer's forward + loss
     losses = []
     for epoch in range(epochs):
         data.set_epoch(epoch)
         for batch_rows in ([0, 1, 2], [3, 4, 5]):
             batch = collate([data[i] for i in batch_rows])
+            inputs = {key: batch[key] for key in ("input_ids", "labels", "num_delay_tokens")}
             if cache is None:
-                kwargs = {"input_ids": batch["input_ids"], "input_features": batch["input_features"],
-                          "num_delay_tokens": batch["num_delay_tokens"], "use_cache": False}
+                inputs["input_features"] = batch["input_features"]
             else:
-                kwargs = cached_model_inputs(model, batch, cache)
-            hidden = inner_model(model)(**kwargs).last_hidden_state
-            sums = streaming_loss_sums(hidden, base.lm_head, batch["labels"], tokenizer.ids.streaming_pad,
-                                       pad_weight=0.5, text_weight=1.0)
-            loss = sums.weighted / sums.weight
+                inputs["audio_embeds"] = cache.embeddings_for(batch["input_features"], batch["n_positions"],
+                                                              batch["num_delay_tokens"])
+            weighted, stats = lm(**inputs)
+            loss = weighted / stats[STAT_NAMES.index("weight")]
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()

@@ -217,17 +217,3 @@ class AudioEmbeddingCache:
             n = min(n_list[row], width)
             out[row, :n] = stored[:n]
         return out.to(weight.device)
-
-
-def cached_model_inputs(model: torch.nn.Module, batch: dict[str, Any], cache: AudioEmbeddingCache) -> dict[str, Any]:
-    """Keyword arguments for `inner_model(model)(**kwargs)` with cached audio: token embeddings + audio embeddings,
-    no features (the fixed forward then adds no audio itself, see voxtral_train.patches)."""
-    inner = inner_model(model)
-    embeddings = inner.get_input_embeddings()
-    audio = cache.embeddings_for(batch["input_features"], batch["n_positions"], batch["num_delay_tokens"])
-    input_ids = batch["input_ids"].to(embeddings.weight.device)
-    return {
-        "inputs_embeds": embeddings(input_ids) + audio,  # the same sum the uncached forward makes
-        "num_delay_tokens": batch["num_delay_tokens"].to(embeddings.weight.device),
-        "use_cache": False,
-    }
