@@ -76,3 +76,52 @@ def test_silence_value_is_the_floor():
     # log10(1e-10) = -10 is floored at 1.5 - 8 = -6.5, then (x + 4) / 4.
     assert silence_value() == pytest.approx((protocol.GLOBAL_LOG_MEL_MAX - 8 + 4) / 4)
     assert torch.all(log_mel(np.zeros(5 * protocol.SAMPLES_PER_POSITION, np.float32)) == silence_value())
+
+
+# ---- the audio the served model sees: 16-bit PCM (data.pcm16) -------------------------------------------------------
+
+def _served_features(tmp_path, audio: np.ndarray) -> torch.Tensor:
+    """Features of `audio` through transformers' VoxtralRealtimeProcessor, i.e. mistral-common's request path (what
+    vLLM serves too), built offline from the tiny tokenizer. Its instruct tokenizer needs two more named specials
+    ([ARGS], [CALL_ID]); they go into unused slots, as they play no part in transcription."""
+    import json
+
+    from transformers import VoxtralRealtimeProcessor
+    from transformers.tokenization_mistral_common import MistralCommonBackend
+
+    from voxtral_train.tokenizer import StreamingTokenizer
+
+    tekken = json.loads(StreamingTokenizer.tiny().tekken_path.read_text())
+    for token in tekken["special_tokens"]:
+        token["token_str"] = {20: "[ARGS]", 21: "[CALL_ID]"}.get(token["rank"], token["token_str"])
+    (tmp_path / "tekken.json").write_text(json.dumps(tekken))
+    processor = VoxtralRealtimeProcessor(feature_extractor=VoxtralRealtimeFeatureExtractor(),
+                                         tokenizer=MistralCommonBackend(tokenizer_path=str(tmp_path / "tekken.json")))
+    out = processor(audio, sampling_rate=protocol.SAMPLE_RATE, return_tensors="pt")
+    assert int(out.num_delay_tokens) == 6  # the tekken.json default, 480 ms
+    return out.input_features[0]
+
+
+def test_pcm16_features_equal_the_served_processor_and_float_ones_do_not(tmp_path):
+    import soundfile as sf
+
+    from voxtral_train.dataset import StreamingDataset
+    from voxtral_train.delays import DelaySampler
+    from voxtral_train.manifest import Utterance, Word
+    from voxtral_train.tokenizer import StreamingTokenizer
+
+    audio = _synthetic(37_000)  # a float WAV: 16-bit quantisation changes it
+    sf.write(tmp_path / "clip.wav", audio, protocol.SAMPLE_RATE, subtype="FLOAT")
+    served = _served_features(tmp_path, sf.read(tmp_path / "clip.wav", dtype="float32")[0])
+    utt = Utterance("clip", str(tmp_path / "clip.wav"), "a tone", 37_000 / protocol.SAMPLE_RATE,
+                    words=[Word("a", 0.2, 0.5), Word("tone", 0.6, 1.0)])
+
+    def training_features(pcm16: bool) -> torch.Tensor:
+        dataset = StreamingDataset([utt], StreamingTokenizer.tiny(), DelaySampler.fixed(480), pcm16=pcm16)
+        return dataset[0]["input_features"]
+
+    for ours in (training_features(True), log_mel(pad_audio(load_audio(utt.audio), 6))):  # training, evaluation
+        assert ours.shape == served.shape
+        assert torch.max(torch.abs(ours - served)).item() <= 1e-6
+    unquantised = training_features(False)
+    assert torch.max(torch.abs(unquantised - served)).item() > 1e-3  # what data.pcm16=false trains on

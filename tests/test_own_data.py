@@ -195,3 +195,76 @@ def test_prep_imports_neither_torch_nor_transformers(tmp_path):
     started = time.perf_counter()
     assert prep("--help").returncode == 0
     assert time.perf_counter() - started < 3.0  # ~0.3 s idle; generous for a loaded 2-core CI machine
+
+
+# ---- training: every bad input refused before the model loads, through `voxtral-train` ------------------------------
+
+FAST_TRAIN = ["train.max_steps=3", "train.warmup_steps=1", "train.eval_every=0", "train.save_every=0", "train.log_every=1",
+              "logging.progress_bar=false", "logging.tensorboard=false"]
+
+
+def train_cli(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(["voxtral-train", *overrides], capture_output=True, text=True, cwd=cwd, timeout=900)
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return done
+
+
+def timed_row(uid: str, audio: Path, seconds: float = 1.0) -> dict:
+    return {"id": uid, "audio": str(audio), "text": "one two",
+            "words": [{"word": "one", "start": 0.2, "end": 0.4}, {"word": "two", "start": 0.5, "end": seconds - 0.2}]}
+
+
+BAD_RUNS = {
+    "missing_manifest": ([], "no such file"),
+    "empty_manifest": ([""], "has no rows"),
+    "every_row_bad": (["{oops", {"id": "g", "audio": "gone.wav", "text": "x"}],
+                      "none of the 2 rows of data.train_manifest"),
+    "untimed": ([{"id": "u", "audio": "a.wav", "text": "one two"}], "1 of 1 rows have no word timings"),
+    "budget_below_longest_clip": ([timed_row("t", Path("a.wav"))], "data.max_positions_per_batch=50: the longest item"),
+    "resume_not_a_checkpoint": ([timed_row("t", Path("a.wav"))], "train.resume="),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BAD_RUNS)
+def test_bad_training_inputs_exit_2_with_one_message_and_no_run_folder(tmp_path, case):
+    rows, expected = BAD_RUNS[case]
+    clip(tmp_path, "a", None)
+    manifest = tmp_path / "m.jsonl"
+    if case != "missing_manifest":
+        manifest.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    overrides = ["data=manifest", f"data.train_manifest={manifest}", f"train.output_root={tmp_path / 'runs'}",
+                 *FAST_TRAIN]
+    overrides += {"budget_below_longest_clip": ["data.max_positions_per_batch=50"],
+                  "resume_not_a_checkpoint": [f"train.resume={tmp_path}"]}.get(case, [])
+    done = train_cli(tmp_path, *overrides)
+    assert done.returncode == 2 and expected in done.stderr, done.stderr[-3000:]
+    assert done.stderr.startswith("voxtral-train: the run cannot start (nothing was loaded)")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_the_documented_path_folder_prep_train_on_untimed_transcripts(tmp_path):
+    """README 'Your own data', run as written on bundled clips given plain .txt transcripts (no word times)."""
+    import re
+    import shlex
+    import shutil
+
+    section = (ROOT / "README.md").read_text().split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    commands = [shlex.split(line.split("  #")[0]) for line in block.splitlines() if line.strip()]
+    assert [c[0] for c in commands] == ["voxtral-prep", "voxtral-train"]
+    for utt in read_manifest("bundled:train")[:8]:
+        target = tmp_path / "my_clips" / Path(utt.audio).name
+        target.parent.mkdir(exist_ok=True)
+        shutil.copy(utt.audio, target)
+        target.with_suffix(".txt").write_text(utt.text + "\n")
+    prep_done = subprocess.run(commands[0], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert prep_done.returncode == 0 and "Traceback" not in prep_done.stderr, prep_done.stderr
+    assert prep_done.stdout.splitlines()[:2] == ["kept 8, rejected 0", "timings: heuristic 8"]
+    done = train_cli(tmp_path, *commands[1][1:], *FAST_TRAIN)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "mine" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert train_rows and train_rows[-1]["step"] == 3 and all(r["skipped_items"] == 0 for r in train_rows)
+    assert (tmp_path / "runs" / "mine" / "final").is_dir()

@@ -11,6 +11,8 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 from torch.utils.data import DataLoader, Sampler
 
+from voxtral_train.preflight import UnreadableData
+
 
 class LengthBucketSampler(Sampler[list[int]]):
     """Batch sampler: batches of similar-length items, each holding at most `max_positions_per_batch` padded positions
@@ -143,12 +145,24 @@ def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -
 def micro_batches(loader: DataLoader, sampler: LengthBucketSampler, epoch: int,
                   consumed: int) -> Iterator[tuple[int, int, dict]]:
     """(epoch, batches consumed in that epoch, batch), endlessly, starting after `consumed` batches of `epoch`.
-    The sampler and the dataset (its delays) are told each new epoch."""
+    The sampler and the dataset (its delays) are told each new epoch. A batch whose every item was skipped (audio
+    that no longer reads) is consumed but not yielded; its `skipped` list travels on with the next batch."""
+    carried: list[tuple[str, str]] = []
     while True:
         sampler.set_epoch(epoch)
         loader.dataset.set_epoch(epoch)
         sampler.skip_batches(consumed)
+        loaded = yielded = 0
         for batch in loader:
             consumed += 1
+            loaded += 1
+            if not batch["ids"]:
+                carried += batch["skipped"]
+                continue
+            batch["skipped"], carried = carried + batch["skipped"], []
+            yielded += 1
             yield epoch, consumed, batch
+        if loaded and not yielded:
+            raise UnreadableData(f"no item of epoch {epoch} could be read, e.g. " + "; ".join(
+                f"{uid}: {why}" for uid, why in carried[:3]))
         epoch, consumed = epoch + 1, 0

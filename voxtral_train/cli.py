@@ -14,16 +14,29 @@ stopped early on its own (e.g. a non-finite loss) after saving what it could.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Callable
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from voxtral_train.checkpoint import CheckpointError
 from voxtral_train.config import CONFIG_DIR, ConfigError, register_defaults, settings_from_dict
 from voxtral_train.distributed import LaunchError
+from voxtral_train.preflight import PreflightError, UnreadableData
 
-USAGE_ERRORS = (ConfigError, LaunchError, CheckpointError)
+USAGE_ERRORS = (ConfigError, LaunchError, CheckpointError, PreflightError, UnreadableData)
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """Hydra creates the run folder before the config is checked: a refused run leaves no empty folder behind (nor
+    an empty output root). A folder with anything in it (an earlier run's files) stays."""
+    for folder in (run_dir, run_dir.parent):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
@@ -34,6 +47,7 @@ def _hydra_train(cfg: DictConfig) -> None:
     try:
         result = train(settings_from_dict(raw))
     except (*USAGE_ERRORS, TrainingStopped) as err:
+        _remove_if_empty(Path(HydraConfig.get().runtime.output_dir))
         print(f"voxtral-train: {err}", file=sys.stderr)
         sys.exit(2)
     if result.stopped:

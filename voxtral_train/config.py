@@ -124,6 +124,17 @@ class DeepSpeedSettings:
 
 
 @dataclass
+class PlanOptions:
+    """The `plan.*` keys of `voxtral-train plan`: what a memory plan needs beyond the training settings (which say
+    model, batch, precision, ZeRO)."""
+
+    n_gpus: int = 1  # GPUs sharing the run (ZeRO partitions over them)
+    gpu_gb: float = 80.0  # memory of one GPU, GiB
+    optimizer: str | None = None  # adamw8bit / adamw_bf16 to see a leaner optimizer; default: adamw (offloaded
+    # with deepspeed.offload_optimizer)
+
+
+@dataclass
 class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     # The default run trains the tiny random-initialised model from scratch, so every parameter trains.

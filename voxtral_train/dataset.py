@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
 from voxtral_train import protocol
-from voxtral_train.audio import load_audio
+from voxtral_train.audio import AudioError, load_audio
 from voxtral_train.delays import DelaySampler
 from voxtral_train.features import log_mel, pad_audio, pad_features
 from voxtral_train.manifest import Utterance, segment_utterance, utterance_seconds
@@ -31,7 +32,9 @@ class StreamingDataset(Dataset):
     """Manifest rows -> model inputs and shifted labels, one delay per item drawn from `delay_sampler`.
 
     Call `set_epoch(e)` each epoch to draw new delays (DataLoader workers pick it up when they are started for the
-    epoch, i.e. without `persistent_workers`).
+    epoch, i.e. without `persistent_workers`). Audio is quantised to 16-bit PCM as serving does, unless `pcm16` is
+    false. An item whose audio no longer reads (the file changed after the pre-flight check) comes back as
+    `{"id", "skipped": why}`: `collate` leaves it out and the trainer logs and counts it.
     """
 
     def __init__(
@@ -43,6 +46,7 @@ class StreamingDataset(Dataset):
         max_seconds: float | None = None,
         seed: int = 0,
         offset_frames: int = 0,
+        pcm16: bool = True,
     ) -> None:
         if max_seconds is not None:
             utterances = [
@@ -56,6 +60,7 @@ class StreamingDataset(Dataset):
         self.anchor: Anchor = anchor
         self.offset_frames = offset_frames
         self.seed = seed
+        self.pcm16 = pcm16
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -86,7 +91,10 @@ class StreamingDataset(Dataset):
         utt = self.utterances[index]
         if utt.words is None:
             raise ValueError(f"utterance {utt.id} ({utt.audio}) has no word timings: run data_prep to assign them")
-        samples = load_audio(utt.audio, utt.offset, utt.end)
+        try:
+            samples = load_audio(utt.audio, utt.offset, utt.end, pcm16=self.pcm16)
+        except AudioError as err:
+            return {"id": utt.id, "skipped": err.message}
         delay = self.delay_sampler.draw(self.seed, self.epoch, index)
         targets = build_targets(utt.words, self.tokenizer, len(samples), delay, self.anchor, self.offset_frames)
         features = log_mel(pad_audio(samples, delay, targets.extra_right_pad))
@@ -103,10 +111,16 @@ class StreamingDataset(Dataset):
 
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Right-pad items to the longest: features with the log-mel of silence, ids with [STREAMING_PAD], labels -100.
+    Skipped items are left out and listed as `skipped` [(id, why)]; a batch that lost every item is only that list
+    (and `ids` empty).
 
     No attention mask: the encoder and the decoder are both causal, so padding on the right never changes what an
     earlier (real) position computes, and the padded positions carry label -100.
     """
+    skipped = [(item["id"], item["skipped"]) for item in items if "skipped" in item]
+    items = [item for item in items if "skipped" not in item]
+    if not items:
+        return {"ids": [], "skipped": skipped}
     n_max = max(int(item["n_positions"]) for item in items)
     batch = len(items)
     input_ids = torch.full((batch, n_max), STREAMING_PAD_ID, dtype=torch.long)
@@ -123,4 +137,13 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "n_positions": torch.stack([item["n_positions"] for item in items]),  # [B]
         "audio_seconds": torch.stack([item["audio_seconds"] for item in items]),  # [B], real audio only
         "ids": [item["id"] for item in items],
+        "skipped": skipped,
     }
+
+
+def auto_num_workers(processes_on_node: int = 1, cores: int | None = None) -> int:
+    """DataLoader workers for `data.num_workers: null`: the cores each training process has, minus the one it runs
+    on, at most 4 (decode + log-mel of a batch is far cheaper than its step). Never more workers than cores, which
+    is what PyTorch warns about."""
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    return max(0, min(4, cores // max(1, processes_on_node) - 1))

@@ -144,12 +144,17 @@ def jsonl_objects(path: Path) -> Iterator[tuple[str, str, Any, int]]:
             yield f"{path}:{lineno}", line.rstrip("\n"), obj, lineno
 
 
+def manifest_path(spec: str | os.PathLike) -> Path:
+    """The file a manifest spec names: a path, or `bundled:train` / `bundled:eval` (the bundled speech set)."""
+    if str(spec).startswith(BUNDLED_PREFIX):
+        return bundled_manifest_path(str(spec).removeprefix(BUNDLED_PREFIX))
+    return Path(spec)
+
+
 def read_manifest(path: str | os.PathLike) -> list[Utterance]:
     """All rows of a JSONL manifest (or `bundled:train` / `bundled:eval`, the bundled speech set); raises
     ManifestError naming the line and key of the first bad row."""
-    if str(path).startswith(BUNDLED_PREFIX):
-        path = bundled_manifest_path(str(path).removeprefix(BUNDLED_PREFIX))
-    path = Path(path)
+    path = manifest_path(path)
     rows = []
     for where, _, obj, _ in jsonl_objects(path):
         if isinstance(obj, json.JSONDecodeError):

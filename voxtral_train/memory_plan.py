@@ -38,7 +38,7 @@ import torch
 from transformers import VoxtralRealtimeConfig, VoxtralRealtimeForConditionalGeneration
 
 from voxtral_train import flops, protocol
-from voxtral_train.config import PeftSettings
+from voxtral_train.config import PeftSettings, PlanOptions
 from voxtral_train.model import tiny_config, voxtral_mini_4b_config
 from voxtral_train.trainable import apply_trainable_policy
 
@@ -204,16 +204,6 @@ def format_plan(plan: MemoryPlan, gpu_gb: float = 80) -> str:
 
 RELEASED = "released"  # model.path value that plans the released shape without reading any folder
 PLAN_PLACEHOLDER = "unused-by-plan"  # data.train_manifest when none is given: a plan reads no data
-
-
-@dataclass
-class PlanOptions:
-    """The `plan.*` keys: what a plan needs beyond the training config (which says model, batch, precision, ZeRO)."""
-
-    n_gpus: int = 1  # GPUs sharing the run (ZeRO partitions over them)
-    gpu_gb: float = 80.0  # memory of one GPU, GiB
-    optimizer: str | None = None  # adamw8bit / adamw_bf16 to see a leaner optimizer; default: adamw (offloaded
-    # with deepspeed.offload_optimizer)
 
 
 def parse_plan_options(items: list[str]) -> PlanOptions:
