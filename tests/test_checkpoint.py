@@ -13,7 +13,6 @@ from voxtral_train.checkpoint import (
     complete_checkpoints,
     prune,
     resolve_resume,
-    resume_mismatches,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -77,12 +76,6 @@ def test_unreadable_state_is_named(tmp_path):
     (tmp_path / STATE_FILE).write_text("{not json")
     with pytest.raises(CheckpointError, match=STATE_FILE):
         TrainerState.read(tmp_path)
-
-
-def test_resume_mismatches_name_each_setting():
-    now = replace(STATE, seed=1, world_size=2)
-    assert resume_mismatches(STATE, now) == ["seed: saved 0, now 1", "world_size: saved 1, now 2"]
-    assert resume_mismatches(STATE, replace(STATE, step=9)) == []
 
 
 @pytest.mark.parametrize("error", [RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64"),

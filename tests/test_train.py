@@ -96,7 +96,8 @@ def test_non_finite_loss_stops_and_keeps_the_previous_checkpoint(tmp_path):
     # lr 1e30 turns every weight into +-1e30 in one Adam step: the next forward overflows.
     result = run(tmp_path, "train.name=blowup", "train.max_steps=5", "optim.lr=1e30", "train.warmup_steps=0",
                  "train.save_every=1", "train.keep_last=3")
-    assert result.stopped and "step 2" in result.stopped and "step_000001" in result.stopped
+    # step_000001 holds the +-1e30 weights (finite, but they gave the non-finite loss): not a good checkpoint.
+    assert result.stopped and "non-finite at step 2" in result.stopped and "gave this loss): none" in result.stopped
     assert result.final_step == 1
     assert [p.name for p in complete_checkpoints(tmp_path / "blowup" / "checkpoints")] == ["step_000001"]
     assert not (tmp_path / "blowup" / "final").exists()

@@ -19,8 +19,7 @@ def test_wandb_mode_never_needs_a_key(tmp_path):
 
 def test_jsonl_and_tensorboard_and_offline_wandb(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    logger = MetricsLogger(tmp_path, LoggingSettings(tensorboard=True, wandb=True), {"a": 1}, "run", is_main=True,
-                           resumed=False)
+    logger = MetricsLogger(tmp_path, LoggingSettings(tensorboard=True, wandb=True), {"a": 1}, "run", is_main=True)
     logger.log(1, {"loss": 2.5, "note": "x"})
     logger.log(2, {"loss": float("nan")}, split="eval")
     logger.close()
@@ -31,7 +30,7 @@ def test_jsonl_and_tensorboard_and_offline_wandb(tmp_path, monkeypatch):
 
 
 def test_non_main_process_writes_nothing(tmp_path):
-    logger = MetricsLogger(tmp_path, LoggingSettings(), {}, "run", is_main=False, resumed=False)
+    logger = MetricsLogger(tmp_path, LoggingSettings(), {}, "run", is_main=False)
     logger.log(1, {"loss": 1.0})
     logger.close()
     assert not list(tmp_path.iterdir())

@@ -38,7 +38,11 @@ _NAME = re.compile(r"^step_(\d{6,})$")
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that cannot be used (missing, damaged, altered); the message names the files."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A save that failed (full disk, ...): the partial folder is gone, the previous checkpoint is named."""
 
 
 @dataclass
@@ -46,7 +50,7 @@ class TrainerState:
     step: int  # optimizer steps done
     epoch: int  # epoch the next batch comes from
     batches_in_epoch: int  # micro-batches of that epoch this rank has consumed
-    # What must match on resume (refused when it does not, unless train.allow_inexact_resume):
+    # For the record (a resume compares the checkpoint's config.yaml and world size: voxtral_train.resume_diff):
     seed: int
     model: str
     peft_mode: str
@@ -54,7 +58,6 @@ class TrainerState:
     gradient_accumulation_steps: int
     max_positions_per_batch: int
     train_manifest: str
-    # For the record:
     audio_seconds_seen: float = 0.0
     last_loss: float | None = None
     # The last step's loss and every parameter were finite when this was saved (the first test of "good").
@@ -73,16 +76,6 @@ class TrainerState:
             return cls(**json.loads(path.read_text()))
         except (OSError, TypeError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{path}: unreadable trainer state ({err})") from err
-
-
-RESUME_KEYS = ("seed", "model", "peft_mode", "world_size", "gradient_accumulation_steps", "max_positions_per_batch",
-               "train_manifest")
-
-
-def resume_mismatches(saved: TrainerState, current: TrainerState) -> list[str]:
-    """Settings that differ between the checkpoint and this run ("seed: saved 0, now 1")."""
-    return [f"{key}: saved {getattr(saved, key)!r}, now {getattr(current, key)!r}"
-            for key in RESUME_KEYS if getattr(saved, key) != getattr(current, key)]
 
 
 def checkpoint_name(step: int) -> str:
@@ -161,6 +154,16 @@ def verify_checkpoint(folder: Path) -> list[str]:
     problems += [f"{name}: changed since the run wrote it (sha256 differs)" for name in same_size
                  if hashes[name] != files[name]["sha256"]]
     return problems
+
+
+def last_good_checkpoint(root: Path, failed_step: int) -> Path | None:
+    """The newest checkpoint a run that failed at optimizer step `failed_step` can go back to: saved with a finite
+    loss and finite parameters, and older than step `failed_step - 1` (that one holds the very weights whose loss
+    was non-finite; finite but diverged weights look fine by every other test)."""
+    for folder in reversed(complete_checkpoints(root)):
+        if checkpoint_step(folder) < failed_step - 1 and TrainerState.read(folder).finite:
+            return folder
+    return None
 
 
 def resolve_resume(value: str | None, root: Path, say: Callable[[str], None] = print) -> Path | None:
@@ -294,13 +297,13 @@ def prune(root: Path, keep_last: int) -> None:
 
 
 def _save_failed(final: Path, tmp: Path, previous: list[Path], failure: BaseException | None,
-                 is_main: bool) -> CheckpointError:
+                 is_main: bool) -> CheckpointWriteError:
     """The one message of a failed save; the main process removes the partial folder first."""
     written = _folder_bytes(tmp) if is_main else 0
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     if failure is None:
-        return CheckpointError(f"saving checkpoint {final} failed on another process (its message says why)")
+        return CheckpointWriteError(f"saving checkpoint {final} failed on another process (its message says why)")
     where = getattr(failure, "filename", None) or tmp
     what = (failure.strerror if isinstance(failure, OSError) and failure.strerror else str(failure)).strip()
     needed = manifest_bytes(previous[-1]) if previous else 0
@@ -318,4 +321,4 @@ def _save_failed(final: Path, tmp: Path, previous: list[Path], failure: BaseExce
     else:
         lines.append("There is no earlier checkpoint.")
     lines.append("Free disk space (or lower train.keep_last, or save elsewhere with train.output_root) and resume.")
-    return CheckpointError("\n  ".join(lines))
+    return CheckpointWriteError("\n  ".join(lines))

@@ -11,16 +11,18 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Any, ContextManager, Sequence
+from datetime import timedelta
+from typing import Any, Callable, ContextManager, Sequence, TypeVar
 
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin
-from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
+from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, broadcast_object_list
 
 from voxtral_train.config import Settings
 from voxtral_train.protocol import IGNORE_INDEX
 
 MODEL_INPUTS = ("input_features", "input_ids", "labels", "num_delay_tokens")
+T = TypeVar("T")
 
 
 class LaunchError(RuntimeError):
@@ -33,8 +35,11 @@ def build_accelerator(settings: Settings) -> Accelerator:
     optimizer step (accelerate would otherwise step it once per process)."""
     t, ds = settings.train, settings.deepspeed
     handlers = []
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))  # DeepSpeed on CPU multi-process needs gloo
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # gloo: DeepSpeed on CPU multi-process needs it. The timeout: a hung rank ends the run after
+        # train.collective_timeout_s instead of the backend's default (30 min for gloo).
+        handlers.append(InitProcessGroupKwargs(backend="nccl" if torch.cuda.is_available() else "gloo",
+                                               timeout=timedelta(seconds=t.collective_timeout_s)))
     plugin = None
     if ds.zero_stage:
         zero: dict[str, Any] = {"stage": ds.zero_stage, "stage3_gather_16bit_weights_on_model_save": True}
@@ -79,6 +84,28 @@ def any_rank(accelerator: Accelerator, flag: bool | torch.Tensor) -> bool:
     """True on every rank when `flag` is true on any rank (all ranks must take the same branch)."""
     local = torch.as_tensor(flag, dtype=torch.float32, device=accelerator.device).reshape(())
     return accelerator.reduce(local, "sum").item() > 0
+
+
+def on_main(accelerator: Accelerator, work: Callable[[], T], refusals: tuple[type[Exception], ...]) -> T:
+    """`work()` on the main process only (taking the run lock, hashing a checkpoint), its result on every rank. An
+    exception of `refusals` is raised on every rank: the others would otherwise wait in the next collective."""
+    box: list[Any] = [(None, None)]
+    if accelerator.is_main_process:
+        try:
+            box = [(work(), None)]
+        except refusals as err:
+            box = [(None, err)]
+    broadcast_object_list(box)
+    result, error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def parameters_finite(accelerator: Accelerator, module: torch.nn.Module) -> bool:
+    """Every parameter finite, on every rank (each checks what it holds: its ZeRO-3 partition, or the whole)."""
+    local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in module.parameters())
+    return not any_rank(accelerator, not local)
 
 
 def gathered_parameters(module: torch.nn.Module, zero_stage: int, trainable_only: bool) -> ContextManager:

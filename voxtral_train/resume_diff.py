@@ -3,7 +3,8 @@
 Each changed key gets one of three outcomes:
 - the schedule (optim.lr, train.max_steps / warmup_steps / schedule / min_lr_ratio): the new value wins, and the
   trainer re-derives the lr schedule at the restored step (the optimizer and scheduler states would otherwise bring
-  the checkpoint's lr back from the second step on), saying what the lr was and is at that step;
+  the checkpoint's lr back from the second step on), saying what the lr was and is at that step; optim.betas and
+  optim.eps are re-applied the same way (`schedule.restart_schedule`);
 - what makes the continuation differ from any unbroken run (world size x batch, the model, the parameter mode, the
   seed and the training manifest, which decide the data order): refused unless `train.allow_inexact_resume=true`;
 - anything else (eval, logging, loss weights, ...): the new value applies from the restored step on.
@@ -12,15 +13,26 @@ Each changed key gets one of three outcomes:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
+import yaml
+
+from voxtral_train.checkpoint import TrainerState
 from voxtral_train.schedule import lr_factor
 
 SCHEDULE_KEYS = ("optim.lr", "train.max_steps", "train.warmup_steps", "train.schedule", "train.min_lr_ratio")
+# optim.weight_decay too: the saved parameter groups (flattened under ZeRO) no longer say which one is decayed.
 INEXACT_PREFIXES = ("model.path", "model.dtype", "peft.", "train.seed", "train.gradient_accumulation_steps",
-                    "data.max_positions_per_batch", "data.train_manifest", "world_size")
+                    "data.max_positions_per_batch", "data.train_manifest", "world_size", "optim.weight_decay")
 # Keys that name the resume itself (they differ on every resume and change nothing).
 IGNORED = ("train.resume", "train.allow_inexact_resume")
+
+
+
+class ResumeRefused(RuntimeError):
+    """The new settings cannot continue the checkpoint exactly; the message shows the table and the override."""
+
 
 SCHEDULE, INEXACT, APPLIES = "new value; lr schedule re-derived", "REFUSED: not an exact continuation", "new value"
 
@@ -81,3 +93,32 @@ def lr_at(config: dict[str, Any], step: int, lr_scale: float = 1.0) -> float:
     t = config["train"]
     return config["optim"]["lr"] * lr_scale * lr_factor(step, warmup_steps=t["warmup_steps"], total_steps=t["max_steps"],
                                                         kind=t["schedule"], min_lr_ratio=t["min_lr_ratio"])
+
+
+def check_resume(folder: Path, now: dict[str, Any], world_size: int, allow_inexact: bool,
+                 say: Callable[[str], None]) -> dict[str, Any]:
+    """Say what differs between `folder`'s config and `now`; refuse an inexact continuation unless allowed.
+    Returns the checkpoint's config."""
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    diff = resume_diff(saved, now, TrainerState.read(folder).world_size, world_size)
+    if not diff.rows:
+        return saved
+    if diff.inexact and not allow_inexact:
+        raise ResumeRefused(f"train.resume: {folder} cannot be continued exactly with these settings:\n"
+                            f"{diff.table()}\nRestore the checkpoint's values of {', '.join(diff.inexact)}, or pass "
+                            f"train.allow_inexact_resume=true to continue anyway (the run will differ from an "
+                            f"unbroken one).")
+    say(f"resuming {folder} with changed settings:\n{diff.table()}")
+    if diff.inexact:
+        say("WARNING: train.allow_inexact_resume=true: this continuation differs from any unbroken run")
+    return saved
+
+
+def lr_note(saved: dict[str, Any], now: dict[str, Any], step: int, lr_scale: float) -> str:
+    """"lr at step 50: 0.001 -> 0.0005" when the re-derived schedule gives step `step` another lr than the
+    checkpoint's schedule would have (a new optim.lr, warmup, length or shape); empty when it does not."""
+    before, after = lr_at(saved, step, lr_scale), lr_at(now, step, lr_scale)
+    if before == after:
+        return ""
+    return (f"lr at step {step}: {before:.3g} -> {after:.3g} (the schedule of this run's optim.lr and train.* "
+            f"settings, re-derived at the restored step)")

@@ -45,19 +45,18 @@ class MetricsLogger:
     """`log(step, metrics)` to every enabled sink; a no-op on non-main processes."""
 
     def __init__(self, run_dir: Path, settings: LoggingSettings, config: dict[str, Any], run_name: str,
-                 is_main: bool, resume_step: int | None = None, resumed: bool = False):
-        """`resume_step`: the step a resumed run continues from (rows past it are dropped); None for a new run.
-        `resumed` (append, drop nothing) is the old call of train.py, kept until it passes resume_step."""
+                 is_main: bool, resume_step: int | None = None):
+        """`resume_step`: the step a resumed run continues from (rows past it are dropped); None for a new run."""
         self.is_main = is_main
         self.path = run_dir / "metrics.jsonl"
         self.settings = settings
         self.jsonl = self.tensorboard = self.wandb_run = None
         if not is_main:
             return
-        if resume_step is not None:
-            keep_rows_up_to(self.path, resume_step)
-        elif not resumed:
+        if resume_step is None:
             self.path.write_text("")
+        else:
+            keep_rows_up_to(self.path, resume_step)
         self.jsonl = self.path.open("a", encoding="utf-8")
         self._open_tensorboard(purge_after=resume_step)
         if settings.wandb:
@@ -129,3 +128,11 @@ def _row_step(line: str) -> float:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return math.inf
+
+
+def first_row(path: Path, split: str) -> dict | None:
+    """The first row of `split` in metrics.jsonl (summary.md's "first step"), None when there is none."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if _row_step(line) != math.inf and json.loads(line)["split"] == split:
+            return json.loads(line)
+    return None

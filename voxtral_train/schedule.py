@@ -40,3 +40,19 @@ def build_optimizer(optim: OptimSettings, model: torch.nn.Module) -> torch.optim
     groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": optim.weight_decay},
               {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+
+
+def restart_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                     optim: OptimSettings, step: int, lr_scale: float = 1.0) -> None:
+    """After a checkpoint's optimizer and scheduler states were loaded: this run's optim settings and schedule, at
+    optimizer step `step`. The loaded states bring back the checkpoint's peak lr (the scheduler's base_lrs, from the
+    second step on), its lr for the next step, and its betas and eps (the optimizer's param_groups); the schedule's
+    shape and length are this run's already (the scheduler's lambda is not saved). `lr_scale`: a rollback's lower lr."""
+    lambda_lr = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps the LambdaLR
+    peak = optim.lr * lr_scale
+    lambda_lr.base_lrs = [peak] * len(lambda_lr.base_lrs)
+    lrs = [peak * factor(step) for factor in lambda_lr.lr_lambdas]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group.update(lr=lr, initial_lr=peak, betas=tuple(optim.betas), eps=optim.eps)
+    lambda_lr.last_epoch = step
+    lambda_lr._last_lr = lrs

@@ -6,11 +6,15 @@ plain accelerate loop (no HF Trainer): the same code runs one CPU process, N GPU
 The pieces it calls live where their concept does: the accelerator and collectives in `distributed`, model + loss
 in `streaming_lm`, checkpoint folders in `checkpoint` / `checkpoint_writer`, evaluation in `evaluate`, the command
 line in `cli`.
+
+Faults: the run folder is locked for the run (`run_lock`); SIGTERM / SIGINT / SIGUSR1 or the launcher's death stop
+after the current step with a checkpoint (`stop_signals`); a resume verifies the checkpoint and says what changed
+(`checkpoint`, `resume_diff`); a non-finite loss stops or rolls back to the last good checkpoint.
 """
 
 from __future__ import annotations
 
-import os
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -26,30 +30,41 @@ from voxtral_train.batching import LengthBucketSampler, micro_batches
 from voxtral_train.checkpoint import (
     CheckpointError,
     TrainerState,
+    checkpoint_name,
     complete_checkpoints,
+    last_good_checkpoint,
     resolve_resume,
-    resume_mismatches,
     save_checkpoint,
 )
 from voxtral_train.checkpoint_writer import RunWriter, write_run_config
-from voxtral_train.config import Settings, settings_to_dict
-from voxtral_train.dataset import StreamingDataset, auto_num_workers, collate
+from voxtral_train.config import Settings, TrainSettings, settings_to_dict
+from voxtral_train.dataset import StreamingDataset, collate
 from voxtral_train.delays import DelaySampler
-from voxtral_train.distributed import any_rank, build_accelerator, model_inputs, rank_checksums
+from voxtral_train.distributed import (
+    any_rank,
+    build_accelerator,
+    model_inputs,
+    on_main,
+    parameters_finite,
+    rank_checksums,
+)
 from voxtral_train.embedding_cache import AudioEmbeddingCache
 from voxtral_train.eval_report import write_run_summary
 from voxtral_train.evaluate import RunEvaluator
 from voxtral_train.loss import STAT_NAMES, backward_scale, summarize, target_weights
+from voxtral_train.manifest import read_manifest
 from voxtral_train.model import compile_layers, load_model
-from voxtral_train.preflight import check_run
-from voxtral_train.run_log import MetricsLogger
-from voxtral_train.schedule import build_optimizer, build_scheduler
+from voxtral_train.resume_diff import check_resume, lr_note
+from voxtral_train.run_lock import RunLock, RunLocked
+from voxtral_train.run_log import MetricsLogger, first_row
+from voxtral_train.schedule import build_optimizer, build_scheduler, restart_schedule
+from voxtral_train.stop_signals import StopRequest, launched_by_a_launcher
 from voxtral_train.streaming_lm import StreamingLM
 from voxtral_train.trainable import apply_trainable_policy, enable_gradient_checkpointing, parameter_table
 
 
 class TrainingStopped(RuntimeError):
-    """A run that cannot go on (non-finite loss, failed save, bad resume); the message says what to do."""
+    """A run that cannot start or finish as asked (a used run folder, ranks that diverged); the message says why."""
 
 
 @dataclass
@@ -59,22 +74,37 @@ class RunResult:
     losses: list[float]  # each step's training loss, summed over ranks (every rank holds the same list)
     final_wer: float | None  # normalised WER of the final evaluation
     stopped: str | None  # why the run stopped early, if it did
+    interrupted: bool = False  # stopped by a signal or the launcher's death, after saving a checkpoint
 
 
 def train(settings: Settings) -> RunResult:
-    t, data = settings.train, settings.data
-    checked = check_run(settings)  # every manifest row and audio header, before anything loads or is created
-    # 1. Accelerator, seed, run folder (every rank derives the same folder from the config) -----------------------
+    """The run, holding its folder's lock and catching stop signals from start to end."""
     accelerator = build_accelerator(settings)
+    run_dir = Path(settings.train.output_root) / settings.train.name
+    lock = RunLock(run_dir)
+    took_over = on_main(accelerator, lambda: lock.acquire().took_over, (RunLocked,))
+    if took_over:
+        accelerator.print(f"{run_dir}: {took_over}")
+    try:
+        with StopRequest(watch_parent=launched_by_a_launcher()) as stop:
+            return _train(settings, accelerator, run_dir, stop)
+    finally:
+        lock.release()
+
+
+def _train(settings: Settings, accelerator: Accelerator, run_dir: Path, stop: StopRequest) -> RunResult:
+    t, data = settings.train, settings.data
+    # 1. The checkpoint to resume (verified by the main process before anything loads), its changed settings -----
     is_main, say = accelerator.is_main_process, accelerator.print
-    run_dir = Path(t.output_root) / t.name
     ckpt_root = run_dir / "checkpoints"
-    resume_from = resolve_resume(t.resume, ckpt_root)
+    resume_from = on_main(accelerator, lambda: resolve_resume(t.resume, ckpt_root, say), (CheckpointError,))
     if t.resume == "latest" and resume_from is None:
         say(f"train.resume=latest: no complete checkpoint in {ckpt_root} yet, starting from scratch")
     if resume_from is None and complete_checkpoints(ckpt_root):
         raise TrainingStopped(f"{run_dir} already holds checkpoints: pass train.resume=latest to continue that run, "
                               f"or train.name=<new name> to start another")
+    saved_config = None if resume_from is None else check_resume(
+        resume_from, settings_to_dict(settings), accelerator.num_processes, t.allow_inexact_resume, say)
     if is_main:
         write_run_config(run_dir, settings)
     set_seed(t.seed)
@@ -90,22 +120,18 @@ def train(settings: Settings) -> RunResult:
     say(parameter_table(model))
 
     # 3. Data: bucketed micro-batches sharded by rank (the DataLoader stays on CPU), a fixed held-out list --------
-    for note in checked.notes:
-        say(note)
     delays = DelaySampler.choices(data.delays_ms, data.delay_weights)
-    train_set = StreamingDataset(checked.train, tokenizer, delays, anchor=data.anchor, max_seconds=data.max_seconds,
-                                 seed=t.seed, pcm16=data.pcm16)
-    held_out = None if checked.eval is None else StreamingDataset(
-        checked.eval, tokenizer, DelaySampler.fixed(data.delays_ms[0]), anchor=data.anchor,
-        max_seconds=data.max_seconds, seed=t.seed, pcm16=data.pcm16)  # evaluation uses one delay
+    train_set = StreamingDataset(read_manifest(data.train_manifest), tokenizer, delays, anchor=data.anchor,
+                                 max_seconds=data.max_seconds, seed=t.seed)
+    held_out = None if data.eval_manifest is None else StreamingDataset(
+        read_manifest(data.eval_manifest), tokenizer, DelaySampler.fixed(data.delays_ms[0]), anchor=data.anchor,
+        max_seconds=data.max_seconds, seed=t.seed)  # evaluation uses one delay
     # Lengths per epoch (each item's delay is redrawn every epoch), so buckets hold items of the same real length.
     sampler = LengthBucketSampler(train_set.lengths_in_positions, data.max_positions_per_batch, seed=t.seed,
                                   num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     # Its own generator: each new DataLoader iterator draws a seed, which must not move the global RNG (dropout),
     # or a resumed run (a new iterator mid-epoch) would diverge from an unbroken one.
-    workers = auto_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if data.num_workers is None \
-        else data.num_workers
-    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=data.num_workers,
                         generator=torch.Generator().manual_seed(t.seed))
     audio_cache = None
     if data.audio_embedding_cache:  # refuses by itself when the encoder or adapter trains
@@ -130,37 +156,46 @@ def train(settings: Settings) -> RunResult:
                          max_positions_per_batch=data.max_positions_per_batch, train_manifest=data.train_manifest)
     if resume_from is not None:
         saved = TrainerState.read(resume_from)
-        for mismatch in resume_mismatches(saved, state):
-            say(f"WARNING: resuming with a setting that differs from the checkpoint's - {mismatch}")
         accelerator.load_state(str(resume_from))
         state.step, state.epoch, state.batches_in_epoch = saved.step, saved.epoch, saved.batches_in_epoch
-        state.audio_seconds_seen = saved.audio_seconds_seen
+        state.audio_seconds_seen, state.last_loss = saved.audio_seconds_seen, saved.last_loss
+        state.nonfinite_events, state.lr_scale = saved.nonfinite_events, saved.lr_scale
+        restart_schedule(optimizer, scheduler, settings.optim, state.step, state.lr_scale)  # this run's lr wins
         say(f"resumed from {resume_from}: step {state.step}, epoch {state.epoch}, batch {state.batches_in_epoch}")
+        if note := lr_note(saved_config, settings_to_dict(settings), state.step, state.lr_scale):
+            say(note)
     logger = MetricsLogger(run_dir, settings.logging, settings_to_dict(settings), t.name, is_main,
-                           resumed=resume_from is not None)
+                           resume_step=None if resume_from is None else state.step)
     evaluator = RunEvaluator(accelerator, wrapped, tokenizer, settings, held_out, logger.log)
 
     # 6. The loop: one optimizer step per window of `gradient_accumulation_steps` micro-batches -------------------
     batches = micro_batches(loader, sampler, state.epoch, state.batches_in_epoch)
     progress = tqdm(total=t.max_steps, initial=state.step, disable=not (is_main and settings.logging.progress_bar),
                     desc="train", unit="step", dynamic_ncols=True)
-    losses: list[float] = []
+    losses: dict[int, float] = {}  # step -> training loss of the steps this process ran (a rollback drops some)
     stopped: str | None = None
-    skipped_items = 0  # items whose audio stopped reading during the run, all ranks
+    interrupted: str | None = None
     while state.step < t.max_steps:
         started = time.perf_counter()
         window = [next(batches) for _ in range(t.gradient_accumulation_steps)]
-        skipped_items += report_skipped(accelerator, [item for _, _, b in window for item in b["skipped"]])
         # 6a. Forward + backward of the window; a non-finite loss on any rank stops before it reaches the weights.
         totals = forward_backward(accelerator, wrapped, [b for _, _, b in window], settings,
                                   tokenizer.ids.streaming_pad, audio_cache)
+        state.epoch, state.batches_in_epoch = window[-1][0], window[-1][1]  # past this window, even if skipped
         if totals is None:
-            good = complete_checkpoints(ckpt_root)
-            stopped = (f"the loss became non-finite at step {state.step + 1}; stopped before the update. Last good "
-                       f"checkpoint: {good[-1] if good else 'none'}. Lower optim.lr or raise train.warmup_steps, "
-                       f"then resume with train.resume=latest.")
-            break
-        state.epoch, state.batches_in_epoch = window[-1][0], window[-1][1]
+            failed, good = state.step + 1, last_good_checkpoint(ckpt_root, state.step + 1)
+            stopped = nonfinite_stop(failed, good, state.nonfinite_events, t)
+            if stopped:
+                break
+            roll_back(accelerator, good, state, optimizer, scheduler, settings, ckpt_root)
+            logger.rewind(state.step)
+            losses = {step: loss for step, loss in losses.items() if step <= state.step}
+            progress.reset(total=t.max_steps)
+            progress.update(state.step)
+            say(f"\nnon-finite loss at step {failed}: rolled back to {good}, skipped that batch, lr now x"
+                f"{state.lr_scale:g} of the schedule (event {state.nonfinite_events} of at most "
+                f"{t.max_nonfinite_events}, train.max_nonfinite_events)")
+            continue
         # 6b. Clip, step, schedule (under DeepSpeed the engine clips and steps inside accelerator.backward).
         if not accelerator.sync_gradients:
             raise RuntimeError("the accumulation window and accelerate's gradient sync disagree")
@@ -176,10 +211,10 @@ def train(settings: Settings) -> RunResult:
         audio_seconds, positions, seconds = totals[-2].item(), totals[-1].item(), time.perf_counter() - started
         state.audio_seconds_seen += audio_seconds
         state.last_loss = metrics["loss"]
-        losses.append(metrics["loss"])
+        losses[state.step] = metrics["loss"]
         metrics.update(lr=lr, grad_norm=None if grad_norm is None else float(grad_norm), epoch=state.epoch,
                        audio_seconds=audio_seconds, positions=positions, step_seconds=seconds,
-                       audio_seconds_per_second=audio_seconds / seconds, skipped_items=skipped_items)
+                       audio_seconds_per_second=audio_seconds / seconds)
         progress.update(1)
         progress.set_postfix(loss=f"{metrics['loss']:.3f}", text_acc=f"{metrics['text_accuracy']:.2f}",
                              audio_s_per_s=f"{audio_seconds / seconds:.1f}")
@@ -189,11 +224,20 @@ def train(settings: Settings) -> RunResult:
             evaluator.periodic(state.step)
         if t.save_every and state.step % t.save_every == 0 and state.step < t.max_steps:
             save(writer, ckpt_root, state, logger)
+        # 6d. A stop request (signal, launcher gone) on any rank: every rank stops after this same step.
+        if state.step < t.max_steps and any_rank(accelerator, stop.reason is not None):
+            interrupted = stop.reason or "a stop request to another process"
+            break
     progress.close()
 
     # 7. Final checkpoint, exported weights, final evaluation, summary ------------------------------------------
     final_wer = None
-    if stopped:
+    if interrupted:
+        done = ckpt_root / checkpoint_name(state.step)
+        last = done if done in complete_checkpoints(ckpt_root) else save(writer, ckpt_root, state, logger)
+        stopped = f"stopped on {interrupted} at step {state.step}; checkpoint {last}; resume with train.resume=latest"
+        say(stopped)
+    elif stopped:
         say(f"STOPPED: {stopped}")
     else:
         checksums = rank_checksums(accelerator, wrapped, settings.deepspeed.zero_stage)
@@ -207,15 +251,16 @@ def train(settings: Settings) -> RunResult:
         say(f"trained {state.step} steps; checkpoint {last}; weights for export {final}")
         final_wer = evaluator.final(state.step, run_dir)
     if is_main:
+        first = first_row(logger.path, "train")  # the run's first step, also after a resume
         write_run_summary(run_dir, name=t.name, model=settings.model.path, peft_mode=settings.peft.mode,
                           zero_stage=settings.deepspeed.zero_stage, step=state.step, max_steps=t.max_steps,
-                          audio_seconds_seen=state.audio_seconds_seen, first_loss=losses[0] if losses else None,
-                          last_loss=losses[-1] if losses else None, final_wer=final_wer,
+                          audio_seconds_seen=state.audio_seconds_seen, first_loss=first["loss"] if first else None,
+                          last_loss=state.last_loss, final_wer=final_wer,
                           final_eval_split=data.final_eval_split, stopped=stopped)
     logger.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return RunResult(run_dir, state.step, losses, final_wer, stopped)
+    return RunResult(run_dir, state.step, list(losses.values()), final_wer, stopped, interrupted is not None)
 
 
 def forward_backward(accelerator: Accelerator, wrapped: torch.nn.Module, window: list[dict], settings: Settings,
@@ -246,23 +291,47 @@ def forward_backward(accelerator: Accelerator, wrapped: torch.nn.Module, window:
     return totals
 
 
-def report_skipped(accelerator: Accelerator, skipped: list[tuple[str, str]]) -> int:
-    """Say each item this rank skipped (its audio no longer reads: a file changed after the pre-flight check), with
-    its id; returns how many were skipped on all ranks. Every rank calls it every step (it is a collective)."""
-    for uid, why in skipped:
-        print(f"voxtral-train: skipped item {uid} (rank {accelerator.process_index}): {why}", file=sys.stderr)
-    return int(accelerator.reduce(torch.tensor(float(len(skipped)), device=accelerator.device), "sum").item())
-
-
 def save(writer: RunWriter, ckpt_root: Path, state: TrainerState, logger: MetricsLogger) -> Path:
-    """A complete checkpoint of `state.step`, or `TrainingStopped` naming the failure and the last good one."""
+    """A complete checkpoint of `state.step` that records whether it is good (finite loss and parameters), or
+    `CheckpointWriteError` naming the failure and the last checkpoint."""
     accelerator = writer.accelerator
+    state.finite = (state.last_loss is None or math.isfinite(state.last_loss)) and parameters_finite(
+        accelerator, writer.wrapped)
     try:
         return save_checkpoint(ckpt_root, state, writer.checkpoint_contents, is_main=accelerator.is_main_process,
-                               barrier=accelerator.wait_for_everyone, keep_last=writer.settings.train.keep_last)
-    except CheckpointError as err:
+                               barrier=accelerator.wait_for_everyone, keep_last=writer.settings.train.keep_last,
+                               any_rank=lambda flag: any_rank(accelerator, flag))
+    except CheckpointError:
         logger.close()
-        raise TrainingStopped(str(err)) from err
+        raise
+
+
+def nonfinite_stop(failed: int, good: Path | None, events: int, t: TrainSettings) -> str | None:
+    """Why a non-finite loss at step `failed` stops the run, or None when train.on_nonfinite=rollback goes back."""
+    if t.on_nonfinite == "rollback" and good is not None and events < t.max_nonfinite_events:
+        return None
+    advice = (f"resume from it with lower optim.lr or longer train.warmup_steps: train.resume={good}" if good
+              else "start again with lower optim.lr or longer train.warmup_steps")
+    why = ""
+    if t.on_nonfinite == "rollback":
+        why = (f" after {events} rollbacks (train.max_nonfinite_events={t.max_nonfinite_events})" if good
+               else " with no good checkpoint to roll back to")
+    return (f"the loss became non-finite at step {failed}; stopped before the update{why}. Last good checkpoint "
+            f"(finite loss and weights, older than the weights that gave this loss): {good or 'none'}; {advice}.")
+
+
+def roll_back(accelerator: Accelerator, good: Path, state: TrainerState, optimizer: torch.optim.Optimizer,
+              scheduler: torch.optim.lr_scheduler.LRScheduler, settings: Settings, ckpt_root: Path) -> None:
+    """train.on_nonfinite=rollback: weights, optimizer and RNG of `good` (verified first), its step; the data
+    position stays past the offending window (skipped, not replayed); the lr is scaled down once more."""
+    optimizer.zero_grad(set_to_none=True)  # what the window's earlier micro-batches accumulated
+    on_main(accelerator, lambda: resolve_resume(str(good), ckpt_root), (CheckpointError,))
+    accelerator.load_state(str(good))
+    saved = TrainerState.read(good)
+    state.step, state.audio_seconds_seen, state.last_loss = saved.step, saved.audio_seconds_seen, saved.last_loss
+    state.nonfinite_events += 1
+    state.lr_scale *= settings.train.nonfinite_lr_scale
+    restart_schedule(optimizer, scheduler, settings.optim, state.step, state.lr_scale)
 
 
 if __name__ == "__main__":  # `accelerate launch -m voxtral_train.train ...`
