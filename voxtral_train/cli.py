@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from pathlib import Path
 from typing import Callable
 
 import hydra
@@ -33,11 +34,22 @@ from omegaconf import DictConfig, OmegaConf
 from voxtral_train.checkpoint import CheckpointError, CheckpointWriteError
 from voxtral_train.config import CONFIG_DIR, ConfigError, register_defaults, settings_from_dict
 from voxtral_train.distributed import LaunchError
+from voxtral_train.preflight import PreflightError, UnreadableData
 from voxtral_train.resume_diff import ResumeRefused
 from voxtral_train.run_lock import RunLocked
 
 EXIT_USAGE, EXIT_STOPPED, EXIT_SAVE_FAILED, EXIT_COLLECTIVE, EXIT_INTERRUPTED, EXIT_ABORTED = 2, 3, 4, 5, 75, 130
-USAGE_ERRORS = (ConfigError, LaunchError, CheckpointError, RunLocked, ResumeRefused)
+USAGE_ERRORS = (ConfigError, LaunchError, CheckpointError, RunLocked, ResumeRefused, PreflightError, UnreadableData)
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """Hydra creates the run folder before the config is checked: a refused run leaves no empty folder behind (nor
+    an empty output root). A folder with anything in it (an earlier run's files) stays."""
+    for folder in (run_dir, run_dir.parent):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
@@ -52,6 +64,7 @@ def _hydra_train(cfg: DictConfig) -> None:
     except CheckpointWriteError as err:
         sys.exit(_fail(str(err), EXIT_SAVE_FAILED))
     except (*USAGE_ERRORS, TrainingStopped) as err:
+        _remove_if_empty(Path(HydraConfig.get().runtime.output_dir))
         sys.exit(_fail(str(err), EXIT_USAGE))
     except torch.distributed.DistError as err:
         sys.exit(_fail(f"a collective operation between the processes failed or timed out "

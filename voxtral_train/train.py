@@ -15,6 +15,7 @@ after the current step with a checkpoint (`stop_signals`); a resume verifies the
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from voxtral_train.checkpoint import (
 )
 from voxtral_train.checkpoint_writer import RunWriter, write_run_config
 from voxtral_train.config import Settings, TrainSettings, settings_to_dict
-from voxtral_train.dataset import StreamingDataset, collate
+from voxtral_train.dataset import StreamingDataset, auto_num_workers, collate
 from voxtral_train.delays import DelaySampler
 from voxtral_train.distributed import (
     any_rank,
@@ -52,8 +53,8 @@ from voxtral_train.embedding_cache import AudioEmbeddingCache
 from voxtral_train.eval_report import write_run_summary
 from voxtral_train.evaluate import RunEvaluator
 from voxtral_train.loss import STAT_NAMES, backward_scale, summarize, target_weights
-from voxtral_train.manifest import read_manifest
 from voxtral_train.model import compile_layers, load_model
+from voxtral_train.preflight import CheckedRun, check_run
 from voxtral_train.resume_diff import check_resume, lr_note
 from voxtral_train.run_lock import RunLock, RunLocked
 from voxtral_train.run_log import MetricsLogger, first_row
@@ -79,6 +80,7 @@ class RunResult:
 
 def train(settings: Settings) -> RunResult:
     """The run, holding its folder's lock and catching stop signals from start to end."""
+    checked = check_run(settings)  # every manifest row and audio header, before anything loads or is created
     accelerator = build_accelerator(settings)
     run_dir = Path(settings.train.output_root) / settings.train.name
     lock = RunLock(run_dir)
@@ -87,12 +89,13 @@ def train(settings: Settings) -> RunResult:
         accelerator.print(f"{run_dir}: {took_over}")
     try:
         with StopRequest(watch_parent=launched_by_a_launcher()) as stop:
-            return _train(settings, accelerator, run_dir, stop)
+            return _train(settings, checked, accelerator, run_dir, stop)
     finally:
         lock.release()
 
 
-def _train(settings: Settings, accelerator: Accelerator, run_dir: Path, stop: StopRequest) -> RunResult:
+def _train(settings: Settings, checked: CheckedRun, accelerator: Accelerator, run_dir: Path,
+           stop: StopRequest) -> RunResult:
     t, data = settings.train, settings.data
     # 1. The checkpoint to resume (verified by the main process before anything loads), its changed settings -----
     is_main, say = accelerator.is_main_process, accelerator.print
@@ -120,18 +123,22 @@ def _train(settings: Settings, accelerator: Accelerator, run_dir: Path, stop: St
     say(parameter_table(model))
 
     # 3. Data: bucketed micro-batches sharded by rank (the DataLoader stays on CPU), a fixed held-out list --------
+    for note in checked.notes:
+        say(note)
     delays = DelaySampler.choices(data.delays_ms, data.delay_weights)
-    train_set = StreamingDataset(read_manifest(data.train_manifest), tokenizer, delays, anchor=data.anchor,
-                                 max_seconds=data.max_seconds, seed=t.seed)
-    held_out = None if data.eval_manifest is None else StreamingDataset(
-        read_manifest(data.eval_manifest), tokenizer, DelaySampler.fixed(data.delays_ms[0]), anchor=data.anchor,
-        max_seconds=data.max_seconds, seed=t.seed)  # evaluation uses one delay
+    train_set = StreamingDataset(checked.train, tokenizer, delays, anchor=data.anchor, max_seconds=data.max_seconds,
+                                 seed=t.seed, pcm16=data.pcm16)
+    held_out = None if checked.eval is None else StreamingDataset(
+        checked.eval, tokenizer, DelaySampler.fixed(data.delays_ms[0]), anchor=data.anchor,
+        max_seconds=data.max_seconds, seed=t.seed, pcm16=data.pcm16)  # evaluation uses one delay
     # Lengths per epoch (each item's delay is redrawn every epoch), so buckets hold items of the same real length.
     sampler = LengthBucketSampler(train_set.lengths_in_positions, data.max_positions_per_batch, seed=t.seed,
                                   num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     # Its own generator: each new DataLoader iterator draws a seed, which must not move the global RNG (dropout),
     # or a resumed run (a new iterator mid-epoch) would diverge from an unbroken one.
-    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=data.num_workers,
+    workers = auto_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if data.num_workers is None \
+        else data.num_workers
+    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                         generator=torch.Generator().manual_seed(t.seed))
     audio_cache = None
     if data.audio_embedding_cache:  # refuses by itself when the encoder or adapter trains
@@ -174,10 +181,12 @@ def _train(settings: Settings, accelerator: Accelerator, run_dir: Path, stop: St
                     desc="train", unit="step", dynamic_ncols=True)
     losses: dict[int, float] = {}  # step -> training loss of the steps this process ran (a rollback drops some)
     stopped: str | None = None
+    skipped_items = 0  # items whose audio stopped reading during the run, all ranks
     interrupted: str | None = None
     while state.step < t.max_steps:
         started = time.perf_counter()
         window = [next(batches) for _ in range(t.gradient_accumulation_steps)]
+        skipped_items += report_skipped(accelerator, [item for _, _, b in window for item in b["skipped"]])
         # 6a. Forward + backward of the window; a non-finite loss on any rank stops before it reaches the weights.
         totals = forward_backward(accelerator, wrapped, [b for _, _, b in window], settings,
                                   tokenizer.ids.streaming_pad, audio_cache)
@@ -214,7 +223,7 @@ def _train(settings: Settings, accelerator: Accelerator, run_dir: Path, stop: St
         losses[state.step] = metrics["loss"]
         metrics.update(lr=lr, grad_norm=None if grad_norm is None else float(grad_norm), epoch=state.epoch,
                        audio_seconds=audio_seconds, positions=positions, step_seconds=seconds,
-                       audio_seconds_per_second=audio_seconds / seconds)
+                       audio_seconds_per_second=audio_seconds / seconds, skipped_items=skipped_items)
         progress.update(1)
         progress.set_postfix(loss=f"{metrics['loss']:.3f}", text_acc=f"{metrics['text_accuracy']:.2f}",
                              audio_s_per_s=f"{audio_seconds / seconds:.1f}")
@@ -289,6 +298,14 @@ def forward_backward(accelerator: Accelerator, wrapped: torch.nn.Module, window:
         sizes = torch.tensor([batch["audio_seconds"].sum().item(), float(batch["input_ids"].numel())])
         totals += torch.cat([stats, sizes.to(accelerator.device)])
     return totals
+
+
+def report_skipped(accelerator: Accelerator, skipped: list[tuple[str, str]]) -> int:
+    """Say each item this rank skipped (its audio no longer reads: a file changed after the pre-flight check), with
+    its id; returns how many were skipped on all ranks. Every rank calls it every step (it is a collective)."""
+    for uid, why in skipped:
+        print(f"voxtral-train: skipped item {uid} (rank {accelerator.process_index}): {why}", file=sys.stderr)
+    return int(accelerator.reduce(torch.tensor(float(len(skipped)), device=accelerator.device), "sum").item())
 
 
 def save(writer: RunWriter, ckpt_root: Path, state: TrainerState, logger: MetricsLogger) -> Path:
