@@ -8,6 +8,7 @@
     voxtral-prep validate data/mine/manifest.jsonl --out data/mine_checked
     voxtral-prep folder my_clips/ --out data/mine --self-align-model /models/voxtral-realtime
     voxtral-prep folder my_clips/ --out data/mine --ctc-align-model /models/wav2vec2-base-960h
+    voxtral-prep synth --out data/synth/general --sentences 30000      # synthetic corpus (data_prep.synth_corpus)
 
 Writes OUT/manifest.jsonl (kept rows), OUT/rejects.jsonl (each rejected row with its source, input line, a reason
 code and a message) and OUT/changes.jsonl (transcripts cleaning changed: original and cleaned text), and prints
@@ -83,6 +84,11 @@ def _rows(args: argparse.Namespace) -> Iterator[sources.Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["synth"]:  # generates a corpus instead of importing one: its own options
+        from data_prep.synth_corpus import main as synth_main
+
+        return synth_main(argv[1:])
     args = _parser().parse_args(argv)
     if not args.input.exists():
         print(f"voxtral-prep: input not found: {args.input}", file=sys.stderr)
