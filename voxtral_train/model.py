@@ -2,6 +2,9 @@
 
 `load_model(source)` accepts
 - `"tiny"`: a random-initialised model of the real architecture at demo size (see `tiny_config`);
+- `"mini"`: the embedded pretrained mini base (voxtral_train/assets/mini: 3 M parameters trained on synthetic
+  English speech, recipes/mini_base), an HF-format folder like any other;
+- `"mini-scratch"`: the mini base's architecture and tokenizer, random-initialised (what recipes/mini_base trains);
 - a local HF-format folder (`config.json` + safetensors + `tekken.json`, as published on the Hub);
 - a local Mistral-format folder (`params.json` + `consolidated*.safetensors` + `tekken.json`, what vLLM serves),
   converted in memory by `voxtral_train.mistral_format`.
@@ -17,10 +20,13 @@ from transformers import VoxtralRealtimeConfig, VoxtralRealtimeForConditionalGen
 
 from voxtral_train import protocol
 from voxtral_train.patches import apply_training_fixes
-from voxtral_train.tokenizer import StreamingTokenizer
+from voxtral_train.tokenizer import TINY_NUM_BPE_RANKS, StreamingTokenizer
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+MINI_DIR = Path(__file__).resolve().parent / "assets" / "mini"
+MINI_NUM_BPE_RANKS = 4000  # 2.3 pieces per word of the synthetic corpus (1000 ranks: 2.8; every piece is a step)
+
+# Weight dtypes by torch's names: the one vocabulary of model.dtype, load_model, voxtral-eval and voxtral-export.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelLoadError(ValueError):
@@ -30,7 +36,7 @@ class ModelLoadError(ValueError):
 def architecture_config(*, enc_dim: int, enc_layers: int, enc_heads: int, enc_head_dim: int, enc_ffn: int,
                         dec_dim: int, dec_layers: int, dec_heads: int, dec_kv_heads: int, dec_head_dim: int,
                         dec_ffn: int, vocab_size: int) -> VoxtralRealtimeConfig:
-    """The architecture with its fixed facts (SPEC.md) filled in; only the sizes vary."""
+    """The architecture with its fixed facts (docs/MODEL.md, "Shapes") filled in; only the sizes vary."""
     return VoxtralRealtimeConfig(
         audio_config={
             "hidden_size": enc_dim,
@@ -81,10 +87,22 @@ def scaled_config() -> VoxtralRealtimeConfig:
 
 
 def tiny_config(vocab_size: int = 2000) -> VoxtralRealtimeConfig:
-    """Demo size "S" of DEMO_NOTES.md (0.74 M parameters + embeddings): learns the bundled set in about a minute."""
+    """Demo size "S" of docs/TINY_MODELS.md (0.63 M parameters + embeddings): learns the bundled set in a minute."""
     return architecture_config(enc_dim=64, enc_layers=2, enc_heads=4, enc_head_dim=16, enc_ffn=256, dec_dim=128,
                                dec_layers=2, dec_heads=4, dec_kv_heads=2, dec_head_dim=32, dec_ffn=384,
                                vocab_size=vocab_size)
+
+
+def mini_config(vocab_size: int = 1000 + MINI_NUM_BPE_RANKS) -> VoxtralRealtimeConfig:
+    """The embedded mini base (3.3 M parameters with its 5000-token vocabulary): big enough to transcribe unseen
+    sentences of its synthetic voices, small enough to pretrain on two CPU cores in about an hour."""
+    return architecture_config(enc_dim=128, enc_layers=3, enc_heads=4, enc_head_dim=32, enc_ffn=512, dec_dim=192,
+                               dec_layers=3, dec_heads=6, dec_kv_heads=2, dec_head_dim=32, dec_ffn=576,
+                               vocab_size=vocab_size)
+
+
+# Sources built in memory with random weights: (architecture, BPE ranks of the small Tekken file).
+_RANDOM_INIT = {"tiny": (tiny_config, TINY_NUM_BPE_RANKS), "mini-scratch": (mini_config, MINI_NUM_BPE_RANKS)}
 
 
 def load_model(
@@ -94,19 +112,22 @@ def load_model(
     attn_implementation: str = "sdpa",
     seed: int = 0,
 ) -> tuple[VoxtralRealtimeForConditionalGeneration, StreamingTokenizer]:
-    """Return `(model, tokenizer)` for `"tiny"`, an HF-format folder or a Mistral-format folder."""
+    """Return `(model, tokenizer)` for `"tiny"`, `"mini"`, `"mini-scratch"`, an HF-format or a Mistral-format folder."""
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    if str(source) == "tiny":
-        tokenizer = StreamingTokenizer.tiny()
-        config = tiny_config(vocab_size=tokenizer.vocab_size)
+    if str(source) in _RANDOM_INIT:
+        build_config, num_bpe_ranks = _RANDOM_INIT[str(source)]
+        tokenizer = StreamingTokenizer.tiny(num_bpe_ranks)
+        config = build_config(vocab_size=tokenizer.vocab_size)
         config._attn_implementation = attn_implementation
         torch.manual_seed(seed)  # random init is deterministic for a given seed
         model = VoxtralRealtimeForConditionalGeneration(config).to(torch_dtype)
         return apply_training_fixes(model), tokenizer
 
-    folder = Path(source)
+    folder = MINI_DIR if str(source) == "mini" else Path(source)
     if not folder.is_dir():
-        raise ModelLoadError(f"model source {source!r} is neither 'tiny' nor an existing folder")
+        raise ModelLoadError(f"model source {source!r} is neither 'tiny', 'mini', 'mini-scratch' nor an existing folder")
     tokenizer = _folder_tokenizer(folder)
     if (folder / "params.json").is_file():
         model = _load_mistral_folder(folder, torch_dtype, attn_implementation)
