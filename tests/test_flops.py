@@ -1,4 +1,5 @@
-"""FLOP model: PERF_NOTES's table, exact counts against the built model, and the GPU benchmark's CPU smoke run."""
+"""FLOP model: the table of docs/PERFORMANCE.md, exact counts against the built model, and the GPU benchmark's CPU
+smoke run."""
 
 import importlib.util
 import sys
@@ -17,14 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_positions_for_a_30s_clip():
-    assert flops.positions_for_clip(30.0) == 424  # 32 left pad + 375 audio + 17 right pad (PERF_NOTES)
+    assert flops.positions_for_clip(30.0) == 424  # 32 left pad + 375 audio + 17 right pad (docs/PERFORMANCE.md)
 
 
 def test_reproduces_perf_notes_table():
     config, positions = voxtral_mini_4b_config(), 424
     fwd = flops.forward_flops(config, positions)
     step = lambda mode, **kw: flops.step_flops(config, positions, mode, **kw)  # noqa: E731
-    table = {  # PERF_NOTES.md, GFLOP per position, 30 s clips
+    table = {  # docs/PERFORMANCE.md (hand count), GFLOP per position, 30 s clips
         "audio forward": (fwd.audio, 8.6),
         "text forward": (fwd.text, 7.0),
         "whole forward": (fwd.total, 15.6),
@@ -110,7 +111,7 @@ def test_step_modes():
 
 
 def test_mfu():
-    assert flops.mfu(22.5e9, 19_800, 989e12) == pytest.approx(0.45, rel=0.01)  # PERF_NOTES: 45 % MFU for LoRA
+    assert flops.mfu(22.5e9, 19_800, 989e12) == pytest.approx(0.45, rel=0.01)  # docs/PERFORMANCE.md: 45 % MFU for LoRA
 
 
 def _load_benchmark(name: str):

@@ -1,6 +1,6 @@
 """A real learning check: the default demo (tiny model, bundled speech, 250 steps) transcribes its training set.
 
-Thresholds (DEMO_NOTES.md, three seeds of this model size): before training the decode is garbage or nothing
+Thresholds (docs/TINY_MODELS.md, three seeds of this model size): before training the decode is garbage or nothing
 (WER > 100 %); after 200-225 steps the training-set WER is < 20 %. We require untrained > 90 % and trained < 50 %:
 a margin for machine-to-machine float differences, while a broken loss, target or decoder (which leaves the WER at
 ~100 %) fails. The tiny model memorises: held-out WER is not expected to fall, so it is not tested here.

@@ -77,7 +77,7 @@ def test_released_shape_verdicts():
     assert not mp.plan_memory(config, FULL, 2048).fits(80)  # 16 B/param = 66 GiB + activations
     assert mp.plan_memory(config, FULL, 2048, zero_stage=3, n_gpus=8).fits(80)
     plan = mp.plan_memory(config, LORA, 3392)
-    assert plan.weights == pytest.approx(8.9e9, rel=0.01)  # PERF_NOTES: bf16 weights 8.9 GB
+    assert plan.weights == pytest.approx(8.9e9, rel=0.01)  # docs/PERFORMANCE.md: bf16 weights 8.9 GB
 
 
 def _benchmark():

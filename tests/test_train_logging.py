@@ -40,7 +40,7 @@ def test_launch_configs_parse():
     sizes = {}
     for path in sorted((ROOT / "launch").glob("*.yaml")):
         config = yaml.safe_load(path.read_text())
-        assert config["use_cpu"] is False, path  # use_cpu: true makes accelerate skip distribution (ENV_NOTES)
+        assert config["use_cpu"] is False, path  # use_cpu: true: accelerate skips distribution (docs/ENVIRONMENT.md)
         sizes[path.stem] = (config["num_machines"], config["num_processes"])
     assert sizes == {"1gpu": (1, 1), "2node_8gpu": (2, 16), "8gpu_zero2": (1, 8), "8gpu_zero3": (1, 8),
                      "cpu_2proc": (1, 2)}

@@ -88,7 +88,7 @@ class TrainSettings:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
     compile: bool = False  # regional torch.compile of every layer (~30 s once; 1.75x LoRA throughput on an H100)
-    pad_loss_weight: float = 0.5  # weight of [STREAMING_PAD] targets (DEMO_NOTES: 0.5)
+    pad_loss_weight: float = 0.5  # weight of [STREAMING_PAD] targets (docs/TINY_MODELS.md: 0.5)
     text_loss_weight: float = 1.0  # weight of word / [STREAMING_WORD] / EOS targets
     z_loss: float = 0.0  # weight of log(Z)^2, keeps logits from drifting
     loss_chunk_positions: int = 1024  # scored positions per lm_head chunk: bounds the [n, vocab] fp32 logits

@@ -1,6 +1,6 @@
 """Greedy streaming decode: one token per 80 ms position, the way the model runs live.
 
-Stream convention (SPEC.md "Token protocol", the same as `voxtral_train.targets`): x_0 = BOS,
+Stream convention (docs/MODEL.md, "Token protocol", the same as `voxtral_train.targets`): x_0 = BOS,
 x_1..x_{L-1} = [STREAMING_PAD] with L = `protocol.prompt_length(d)`; position p's input is
 `embed(x_p) + audio_embed[p]` and its argmax is x_{p+1}. A sample with P positions yields x_L..x_P
 (the last one predicted at position P-1, the last position that has audio) or stops earlier at EOS.

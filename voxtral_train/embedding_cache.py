@@ -1,7 +1,7 @@
 """Frozen-encoder audio-embedding cache: run the audio encoder + adapter once per clip, reuse the output every epoch.
 
 With plain LoRA (encoder and adapter frozen) a clip's audio embeddings `[P, D]` never change, so a LoRA step needs
-only the decoder (PERF_NOTES.md: ≈ 1.6x fewer FLOPs on the real model).
+only the decoder (docs/PERFORMANCE.md: ≈ 1.6x fewer FLOPs on the real model).
 
 Why one stored tensor serves every delay: the conv stem and the encoder are causal and the right pad is zeros, so
 the embeddings of a longer-padded stream hold, as a prefix, the embeddings of any shorter padding of the same clip.

@@ -1,4 +1,4 @@
-"""The FLOP model behind every speed goal (../shared/PERF_NOTES.md), as pure functions of a `VoxtralRealtimeConfig`.
+"""The FLOP model behind every speed goal (docs/PERFORMANCE.md), as pure functions of a `VoxtralRealtimeConfig`.
 
 Unit: FLOPs per decoder position (80 ms of audio), a multiply-add counted as 2 FLOPs.
 - A linear layer with N weights costs 2N per token it runs on. The encoder runs on 4 encoder frames per position
@@ -34,7 +34,7 @@ MODES = ("full", "lora", "encoder_lora", "lora_cached")
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s. H200 has the H100 SXM's compute, with more memory.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 
-CONV_KERNEL = 3  # both causal convolutions of the stem (SPEC.md)
+CONV_KERNEL = 3  # both causal convolutions of the stem (docs/MODEL.md, "Shapes")
 ADA_NORM_DIM = 32  # bottleneck of the delay conditioning (Linear(dim->32), Linear(32->dim))
 
 

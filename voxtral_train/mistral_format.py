@@ -1,7 +1,7 @@
 """Mistral's native checkpoint format (what vLLM serves) <-> transformers' `VoxtralRealtimeForConditionalGeneration`.
 
 A Mistral folder is `params.json` + `consolidated.safetensors` (or shards `consolidated-XXXXX-of-YYYYY.safetensors`
-with `consolidated.safetensors.index.json`) + `tekken.json`. See ../shared/SPEC.md, "Checkpoint formats".
+with `consolidated.safetensors.index.json`) + `tekken.json`. See docs/MODEL.md, "Checkpoint formats".
 
 Two things differ from the HF layout besides names:
 - RoPE: Mistral keeps q/k rows in interleaved (GPT-J) order, transformers in rotate-half order. `permute_for_rope` is
@@ -276,7 +276,7 @@ def config_from_params(params: dict) -> VoxtralRealtimeConfig:
 def params_from_config(config: VoxtralRealtimeConfig) -> dict:
     """`VoxtralRealtimeConfig` -> params.json with the released model's key set and key order.
 
-    Beyond SPEC.md's list, the released file also has `model_parallel`, and encoder `vocab_size`, `use_cache`,
+    Beyond the architecture keys, the released file also has `model_parallel`, and encoder `vocab_size`, `use_cache`,
     `max_source_positions`; vLLM's config adapter reads `encoder_args["vocab_size"]` (KeyError without it).
     """
     text, audio = config.text_config, config.audio_config

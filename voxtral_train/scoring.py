@@ -1,7 +1,8 @@
 """Transcription metrics: WER and CER (jiwer), raw and normalised, per utterance, per language and corpus-wide;
 the blank-rut rate; emission latency of words against reference word times.
 
-Normalisation. WER moves by several points with text normalisation (SPEC.md), so every number is given raw
+Normalisation. WER moves by several points with text normalisation (docs/MODEL.md, "Published numbers"), so every
+number is given raw
 (only whitespace collapsed) and normalised. No light normaliser package is installed with the project
 (`whisper-normalizer` pulls extra number-parsing packages), so two small documented ones live here:
 - `normalize_basic` (any language): Unicode NFKC, casefold, drop text in [brackets] / (parentheses), every

@@ -1,7 +1,7 @@
 """Training targets of the streaming protocol: where each word's tokens sit on the 80 ms grid.
 
 The token stream is x_0 .. x_{P-1}, one token per 80 ms position, with P = protocol.n_total_positions(n_samples, d,
-extra_right_pad) for a delay of d tokens (SPEC.md, "Token protocol"):
+extra_right_pad) for a delay of d tokens (docs/MODEL.md, "Token protocol"):
 
 - Prompt: x_0 = BOS, x_1 .. x_{L+d} = [STREAMING_PAD] (L = protocol.N_LEFT_PAD_TOKENS), prompt_length(d) tokens.
 - Word slot: a word whose anchor time is `a` seconds (its end by default, its start with anchor="start") gets slot

@@ -23,12 +23,12 @@ from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 from voxtral_train import protocol
 
 TINY_NUM_SPECIAL = 1000  # Tekken reserves ids 0-999 for special tokens
-TINY_NUM_BPE_RANKS = 1000  # DEMO_NOTES: 500-3000 ranks make little difference at tiny scale
+TINY_NUM_BPE_RANKS = 1000  # docs/TINY_MODELS.md: 500-3000 ranks make little difference at tiny scale
 
 # Names of the special ids the streaming model uses beyond mistral-common's first 20 (which it lists itself).
 _EXTRA_SPECIALS = {24: "[AUDIO]", 25: "[BEGIN_AUDIO]", 32: "[STREAMING_PAD]", 33: "[STREAMING_WORD]", 34: "[TRANSCRIBE]"}
 
-# tekken.json `audio` section of the released model (SPEC.md, "Token protocol").
+# tekken.json `audio` section of the released model (docs/MODEL.md, "Token protocol").
 REAL_AUDIO_SECTION = {
     "sampling_rate": protocol.SAMPLE_RATE,
     "frame_rate": protocol.FRAME_RATE,

@@ -8,7 +8,7 @@
 | `full`         | every parameter                                                     | no: merge     |
 
 The encoder reuses the decoder's leaf names (`q_proj`, `gate_proj`, ...), so a plain PEFT list would wrap it too;
-the target set is an exact regex instead (SPEC.md, "LoRA and vLLM"). vLLM ignores encoder LoRA weights, so
+the target set is an exact regex instead (docs/MODEL.md, "LoRA and vLLM"). vLLM ignores encoder LoRA weights, so
 `encoder_lora` models reach vLLM only through `voxtral-export merge` + `mistral`.
 """
 
