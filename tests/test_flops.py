@@ -21,7 +21,7 @@ def test_positions_for_a_30s_clip():
     assert flops.positions_for_clip(30.0) == 424  # 32 left pad + 375 audio + 17 right pad (docs/PERFORMANCE.md)
 
 
-def test_reproduces_perf_notes_table():
+def test_reproduces_the_performance_model_table():
     config, positions = voxtral_mini_4b_config(), 424
     fwd = flops.forward_flops(config, positions)
     step = lambda mode, **kw: flops.step_flops(config, positions, mode, **kw)  # noqa: E731
