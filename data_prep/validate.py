@@ -124,6 +124,9 @@ class PrepResult:
                          "removed): see changes.jsonl")
         if sources.get("heuristic"):
             lines.append(f"note: {sources['heuristic']} rows have {HEURISTIC_NOTE}")
+        if sources.get("untimed"):
+            lines.append(f"note: {sources['untimed']} rows have no word timings: voxtral-train refuses them until they "
+                         "get some (--timings auto)")
         return "\n".join(lines)
 
 
@@ -136,7 +139,8 @@ def _guesses_timings(row: SourceRow, opts: PrepOptions) -> bool:
     return row.words is None and (opts.timings == "heuristic" or (opts.timings == "auto" and not opts.aligner))
 
 
-def _timed_words(row: SourceRow, samples: np.ndarray, sr: int, duration: float, opts: PrepOptions) -> tuple[list[Word] | None, str | None]:
+def _timed_words(row: SourceRow, samples: np.ndarray, sr: int, duration: float,
+                 opts: PrepOptions) -> tuple[list[Word] | None, str | None]:
     if opts.timings == "none":
         return None, None
     if row.words is not None:

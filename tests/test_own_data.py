@@ -67,6 +67,13 @@ def test_untimed_folder_gets_heuristic_timings_and_the_summary_says_what_they_co
     assert all(u.words and len(u.words) == len(u.text.split()) for u in rows)
 
 
+def test_timings_none_keeps_rows_untimed_and_says_training_will_refuse_them(tmp_path):
+    clip(tmp_path / "in", "a", "first clip here")
+    done = prep("folder", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--timings", "none")
+    assert done.returncode == 0 and done.stdout.splitlines()[1] == "timings: untimed 1"
+    assert "note: 1 rows have no word timings: voxtral-train refuses them" in done.stdout
+
+
 def test_timings_manifest_rejects_untimed_rows_with_their_own_reason(tmp_path):
     timed = clip(tmp_path, "timed", None)
     untimed = clip(tmp_path, "untimed", None)
@@ -186,8 +193,8 @@ def test_usage_errors_exit_2_without_a_traceback(tmp_path):
 
 def test_prep_imports_neither_torch_nor_transformers(tmp_path):
     clip(tmp_path / "in", "a", "some words")
-    code = ("import sys\nfrom data_prep.cli import main\n"
-            f"assert main(['folder', {str(tmp_path / 'in')!r}, '--out', {str(tmp_path / 'out')!r}, '--workers', '1']) == 0\n"
+    argv = ["folder", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--workers", "1"]
+    code = (f"import sys\nfrom data_prep.cli import main\nassert main({argv!r}) == 0\n"
             "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'mistral_common') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -199,8 +206,8 @@ def test_prep_imports_neither_torch_nor_transformers(tmp_path):
 
 # ---- training: every bad input refused before the model loads, through `voxtral-train` ------------------------------
 
-FAST_TRAIN = ["train.max_steps=3", "train.warmup_steps=1", "train.eval_every=0", "train.save_every=0", "train.log_every=1",
-              "logging.progress_bar=false", "logging.tensorboard=false"]
+FAST_TRAIN = ["train.max_steps=3", "train.warmup_steps=1", "train.eval_every=0", "train.save_every=0",
+              "train.log_every=1", "logging.progress_bar=false", "logging.tensorboard=false"]
 
 
 def train_cli(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
