@@ -103,14 +103,29 @@ def logged_steps(run_dir: Path) -> int:
         return 0
 
 
-def test_sigterm_saves_and_the_resume_is_exact(tmp_path, unbroken):
-    trainer = start(tmp_path, "train.name=run", "train.save_every=0")
+def start_launched(root: Path, *overrides: str) -> subprocess.Popen:
+    """The trainer under `accelerate launch` (one process): the launcher is the trainer's parent."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "-m", "voxtral_train.train", *RUN, f"train.output_root={root}", *overrides],
+                            cwd=root, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.parametrize("target", ["trainer", "launcher"])
+def test_sigterm_saves_and_the_resume_is_exact(tmp_path, unbroken, target):
+    """SIGTERM to the trainer, or to its launcher (which dies of it, leaving the trainer orphaned: the trainer
+    notices and stops the same way, instead of training on)."""
+    process = (start if target == "trainer" else start_launched)(tmp_path, "train.name=run", "train.save_every=0")
     run_dir = tmp_path / "run"
     wait_for(lambda: logged_steps(run_dir) >= 2, "two training steps")
-    trainer.send_signal(signal.SIGTERM)
-    code, output = finish(trainer)
-    assert code == EXIT_INTERRUPTED, output
-    assert "Traceback" not in output and "stopped on SIGTERM" in output and "train.resume=latest" in output
+    process.send_signal(signal.SIGTERM)
+    code, output = finish(process)  # returns once the trainer has closed the output pipes: it has ended
+    assert "Traceback" not in output and "train.resume=latest" in output, output
+    if target == "trainer":
+        assert code == EXIT_INTERRUPTED and "stopped on SIGTERM" in output, output
+    else:
+        assert code == -signal.SIGTERM and f"stopped on the launcher (pid {process.pid}) exited" in output, output
     (saved,) = complete_checkpoints(run_dir / "checkpoints")
     stopped_at = TrainerState.read(saved).step
     assert 2 <= stopped_at < 6 and verify_checkpoint(saved) == []
@@ -297,3 +312,64 @@ def test_repeated_nan_losses_stop_after_the_set_number_of_events(tmp_path, monke
     assert result.stopped and "after 1 rollbacks (train.max_nonfinite_events=1)" in result.stopped
     assert "train.resume=" + str(result.run_dir / "checkpoints" / "step_000001") in result.stopped
     assert not (result.run_dir / "final").exists()
+
+
+def test_the_collective_timeout_reaches_the_process_group():
+    """A hung rank: the others give up after train.collective_timeout_s (gloo's own default is 30 minutes)."""
+    from datetime import timedelta
+
+    from voxtral_train.distributed import process_group_kwargs
+
+    settings = compose_settings(["train.collective_timeout_s=90"])
+    assert process_group_kwargs(settings, world_size=1, cuda=False) == []
+    (cpu,) = process_group_kwargs(settings, world_size=2, cuda=False)
+    (gpu,) = process_group_kwargs(settings, world_size=8, cuda=True)
+    assert (cpu.backend, cpu.timeout, gpu.backend) == ("gloo", timedelta(seconds=90), "nccl")
+    assert compose_settings([]).train.collective_timeout_s == 600
+
+
+FAKE_SLURM = {
+    # scontrol: the node list, and the requeue the script must ask for.
+    "scontrol": 'if [ "$1" = show ]; then echo node1; else echo "$*" >> "$LOG"; fi',
+    # srun: the step in its own process group (as slurmstepd tracks a step), so scancel reaches all its processes.
+    "srun": 'while [ "${1#--}" != "$1" ]; do shift; done; setsid "$@" & echo $! > "$STEP"; wait $!',
+    "scancel": 'echo "scancel $*" >> "$LOG"; kill -USR1 -- -"$(cat "$STEP")"',
+    # accelerate: a launcher that waits for its trainer and reports how it ended.
+    "accelerate": '"$PYTHON" "$TRAINER" "$@"; code=$?; echo "launcher saw the trainer exit $code" >> "$LOG"; exit $code',
+}
+FAKE_TRAINER = textwrap.dedent("""
+    import os, signal, sys, time
+    signal.signal(signal.SIGUSR1, lambda *_: (open(os.environ["LOG"], "a").write("trainer got SIGUSR1\\n"),
+                                              sys.exit(75)))
+    open(os.environ["LOG"], "a").write("trainer args: " + " ".join(sys.argv[1:]) + "\\n")
+    time.sleep(30)
+""")
+
+
+def test_the_slurm_script_forwards_the_warning_signal_and_requeues(tmp_path):
+    """launch/slurm_multinode.sbatch under stand-in SLURM commands: SIGUSR1 to the batch shell (what
+    `--signal=B:USR1@600` sends) must reach the trainer through srun and the launcher, the launcher must outlive
+    it, and the job must be requeued."""
+    sbatch = Path(__file__).resolve().parent.parent / "launch" / "slurm_multinode.sbatch"
+    assert "#SBATCH --signal=B:USR1@" in sbatch.read_text()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in FAKE_SLURM.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body + "\n")
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "trainer.py").write_text(FAKE_TRAINER)
+    log = tmp_path / "log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(log), "STEP": str(tmp_path / "step"),
+           "PYTHON": sys.executable, "TRAINER": str(tmp_path / "trainer.py"), "SLURM_JOB_ID": "42",
+           "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1", "SLURM_NODEID": "0"}
+    job = subprocess.Popen(["bash", str(sbatch), "train.name=my_run"], env=env, cwd=tmp_path, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_for(lambda: log.is_file() and "trainer args" in log.read_text(), "the trainer to start", timeout=30)
+    job.send_signal(signal.SIGUSR1)
+    out, _ = job.communicate(timeout=30)
+    assert job.returncode == 0, out
+    lines = log.read_text().splitlines()
+    assert "train.resume=latest train.name=my_run" in lines[0]
+    assert lines[1:] == ["scancel --signal=USR1 42.0", "trainer got SIGUSR1", "launcher saw the trainer exit 75",
+                         "requeue 42"], lines
+    assert "requeueing into train.resume=latest" in out

@@ -147,9 +147,10 @@ def verify_checkpoint(folder: Path) -> list[str]:
     present = set(_files(folder))
     problems = [f"{name}: missing" for name in sorted(set(files) - present)]
     problems += [f"{name}: not written by the run (not in {MANIFEST_FILE})" for name in sorted(present - set(files))]
-    same_size = [name for name in sorted(present & set(files)) if (folder / name).stat().st_size == files[name]["bytes"]]
-    problems += [f"{name}: {(folder / name).stat().st_size} bytes, the run wrote {files[name]['bytes']}"
-                 for name in sorted(present & set(files)) if name not in same_size]
+    sizes = {name: (folder / name).stat().st_size for name in sorted(present & set(files))}
+    same_size = [name for name, size in sizes.items() if size == files[name]["bytes"]]
+    problems += [f"{name}: {size} bytes, the run wrote {files[name]['bytes']}" for name, size in sizes.items()
+                 if name not in same_size]
     hashes = _hashes(folder, same_size)
     problems += [f"{name}: changed since the run wrote it (sha256 differs)" for name in same_size
                  if hashes[name] != files[name]["sha256"]]
@@ -214,7 +215,8 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def remove_checkpoint(folder: Path) -> None:
-    """Unpublish first (manifest removed and flushed), then delete: a kill half-way leaves a folder that never counts."""
+    """Unpublish first (manifest removed and flushed), then delete: a kill half-way leaves a folder that never
+    counts."""
     (folder / MANIFEST_FILE).unlink(missing_ok=True)
     _fsync_dir(folder)
     shutil.rmtree(folder)

@@ -1,6 +1,6 @@
 """What a run writes to disk besides its logs: the run's resolved config, checkpoint contents, and the final weights.
 
-`voxtral_train.checkpoint` decides *when* a checkpoint is complete (atomic folder, state file last, pruning);
+`voxtral_train.checkpoint` decides *when* a checkpoint is complete (atomic folder, manifest last, pruning);
 this module decides *what* goes into it. Every folder carries the same self-description: `config.yaml` (the
 resolved settings the run trained with; `voxtral-export` reads its delay from there) and `tekken.json`.
 """
@@ -39,7 +39,7 @@ class RunWriter:
         shutil.copyfile(self.tokenizer.tekken_path, folder / "tekken.json")
 
     def checkpoint_contents(self, folder: Path) -> None:
-        """Everything of a checkpoint but its state file (`checkpoint.save_checkpoint` writes that last)."""
+        """Everything of a checkpoint but its state file and manifest (`checkpoint.save_checkpoint` writes those)."""
         self.accelerator.save_state(str(folder), safe_serialization=True)  # weights, optimizer, scheduler, RNG
         model = self.model
         if isinstance(model, PeftModel):

@@ -34,12 +34,7 @@ def build_accelerator(settings: Settings) -> Accelerator:
     the DataLoader is never prepared, the bucket sampler shards by rank itself); the scheduler steps once per
     optimizer step (accelerate would otherwise step it once per process)."""
     t, ds = settings.train, settings.deepspeed
-    handlers = []
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # gloo: DeepSpeed on CPU multi-process needs it. The timeout: a hung rank ends the run after
-        # train.collective_timeout_s instead of the backend's default (30 min for gloo).
-        handlers.append(InitProcessGroupKwargs(backend="nccl" if torch.cuda.is_available() else "gloo",
-                                               timeout=timedelta(seconds=t.collective_timeout_s)))
+    handlers = process_group_kwargs(settings, int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.is_available())
     plugin = None
     if ds.zero_stage:
         zero: dict[str, Any] = {"stage": ds.zero_stage, "stage3_gather_16bit_weights_on_model_save": True}
@@ -65,6 +60,16 @@ def build_accelerator(settings: Settings) -> Accelerator:
     )
     check_launch(accelerator, settings)
     return accelerator
+
+
+def process_group_kwargs(settings: Settings, world_size: int, cuda: bool) -> list[InitProcessGroupKwargs]:
+    """Process-group options of a multi-process run (none for one process: DeepSpeed must not get them then).
+    gloo on CPU (DeepSpeed multi-process needs it named); the timeout: a hung rank ends the run after
+    train.collective_timeout_s instead of the backend's default (30 min for gloo)."""
+    if world_size <= 1:
+        return []
+    return [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo",
+                                   timeout=timedelta(seconds=settings.train.collective_timeout_s))]
 
 
 def check_launch(accelerator: Accelerator, settings: Settings) -> None:

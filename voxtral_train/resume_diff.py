@@ -91,8 +91,9 @@ def resume_diff(saved: dict[str, Any], now: dict[str, Any], saved_world_size: in
 def lr_at(config: dict[str, Any], step: int, lr_scale: float = 1.0) -> float:
     """The lr `config`'s schedule gives optimizer step `step` (times a rollback's `lr_scale`)."""
     t = config["train"]
-    return config["optim"]["lr"] * lr_scale * lr_factor(step, warmup_steps=t["warmup_steps"], total_steps=t["max_steps"],
-                                                        kind=t["schedule"], min_lr_ratio=t["min_lr_ratio"])
+    factor = lr_factor(step, warmup_steps=t["warmup_steps"], total_steps=t["max_steps"], kind=t["schedule"],
+                       min_lr_ratio=t["min_lr_ratio"])
+    return config["optim"]["lr"] * lr_scale * factor
 
 
 def check_resume(folder: Path, now: dict[str, Any], world_size: int, allow_inexact: bool,
