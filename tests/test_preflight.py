@@ -143,6 +143,20 @@ def test_auto_num_workers_never_exceeds_the_cores():
     assert auto_num_workers(8, 16) == 1 and auto_num_workers(2, 2) == 0
 
 
+def test_auto_num_workers_gets_no_pytorch_warning_where_too_many_would():
+    import os
+    import warnings
+
+    def start(workers: int) -> None:
+        iter(torch.utils.data.DataLoader(range(4), num_workers=workers))._shutdown_workers()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        start(auto_num_workers())
+    with pytest.warns(UserWarning, match="worker"):
+        start(len(os.sched_getaffinity(0)) + 1)
+
+
 # ---- audio that breaks mid-run -------------------------------------------------------------------------------------
 
 def _dataset(tmp_path, n: int = 4) -> StreamingDataset:
