@@ -14,6 +14,12 @@ INTENT = {
     "domain_lora_1gpu": lambda s: s.peft.mode == "lora" and 480 in s.data.delays_ms and s.train.pad_loss_weight < 1,
     "new_language_full_8gpu": lambda s: s.peft.mode == "full" and s.deepspeed.zero_stage == 3,
     "low_latency_240ms": lambda s: s.data.delays_ms == [240] and s.peft.mode == "lora",
+    # from scratch, every parameter, the card's whole delay range, the released model's word-end anchor
+    "mini_base": lambda s: s.peft.mode == "full" and (min(s.data.delays_ms), max(s.data.delays_ms)) == (240, 2400)
+    and s.data.anchor == "end",
+    # LoRA that keeps serving every delay, judged on held-out domain sentences
+    "domain_adaptation": lambda s: s.peft.mode == "lora" and (min(s.data.delays_ms), max(s.data.delays_ms)) == (240, 2400)
+    and s.data.final_eval_split == "eval",
 }
 # The tiny-scale stand-ins: the embedded model and data, CPU precision, one process.
 TINY = ["model=tiny", "data=bundled", "deepspeed=none", "train.mixed_precision=no", "train.max_steps=2",
