@@ -1,57 +1,56 @@
-"""LoRA epoch time with and without the frozen-encoder audio-embedding cache, against the FLOP bound.
+"""LoRA step time with and without the frozen-encoder audio-embedding cache, against its FLOP bound.
 
-    python benchmarks/embedding_cache.py [--threads 2] [--repeats 2]
+    python benchmarks/embedding_cache.py [--threads 2] [--passes 3]
 
 Model: the real architecture scaled down with the real proportions (`scaled_config`: encoder 320 x 8 layers,
 decoder 768 x 6, vocabulary 8192; encoder:decoder linear weights 0.34 vs 0.32 in the real model, lm_head:decoder
 0.14 vs 0.13). Data: the bundled speech set, delays 480/960 ms drawn per item and epoch, length-bucketed batches.
-Epoch 0 warms up (and fills the cache); epoch 1 is timed (cache warm, delays redrawn). Batches are collated before
-timing, so both sides time the model step only (in training, DataLoader workers overlap the data work); the cached
-side's timing includes hashing the features and reading the entries back from disk.
-The bound is the ratio of the step FLOPs of the two modes for these very batches (`voxtral_train.flops`, with the
-checkpointed loss chunks' recomputation): the cache cannot beat it.
+Both sides run the trainer's step (`StreamingLM`, the cached side with `audio_embeds`), each with its own model and
+optimizer. Epoch 0 warms both up (and fills the cache); then `--passes` passes over epoch 1 (cache warm, delays
+redrawn) are timed batch by batch, the two sides taking turns on every batch (the order flips each batch), so a
+load burst hits both alike. The cached side's time includes hashing the features and reading the entries back.
+The encoder + adapter forward alone is timed in the same rotation: uncached ≈ cached + encoder forward is the check.
+The bound is the ratio of the two modes' step FLOPs for these very batches (`voxtral_train.flops`, including the
+checkpointed loss chunks' recomputation): the cache cannot beat it on hardware where every FLOP costs the same.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
-from transformers import VoxtralRealtimeConfig, VoxtralRealtimeForConditionalGeneration
+from ab import (
+    DELAYS_MS,
+    MAX_POSITIONS_PER_BATCH,
+    bundled_train_set,
+    lora_step,
+    machine_line,
+    pin_threads,
+    scaled_lora_model,
+    spread,
+    streaming_lm,
+    turns,
+)
+from transformers import VoxtralRealtimeConfig
 
-from voxtral_train import flops
+from voxtral_train import flops, protocol
 from voxtral_train.batching import LengthBucketSampler
-from voxtral_train.config import PeftSettings
-from voxtral_train.dataset import StreamingDataset, collate
-from voxtral_train.delays import DelaySampler
-from voxtral_train.embedding_cache import AudioEmbeddingCache, cached_model_inputs, inner_model
-from voxtral_train.loss import streaming_loss_sums
-from voxtral_train.manifest import bundled_manifest_path, read_manifest
+from voxtral_train.dataset import collate
+from voxtral_train.embedding_cache import AudioEmbeddingCache, inner_model
 from voxtral_train.model import scaled_config
-from voxtral_train.patches import apply_training_fixes
 from voxtral_train.tokenizer import StreamingTokenizer
-from voxtral_train.trainable import apply_trainable_policy
-
-DELAYS_MS = (480, 960)
-MAX_POSITIONS_PER_BATCH = 768
-
-
-def scaled_lora_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = scaled_config()
-    config._attn_implementation = "sdpa"
-    model = apply_training_fixes(VoxtralRealtimeForConditionalGeneration(config))
-    return apply_trainable_policy(model, PeftSettings(rank=16, alpha=32, dropout=0.0))
 
 
 def bundled_batches(tokenizer: StreamingTokenizer, epochs: int, max_positions: int,
-                    bucketing: bool = True) -> list[list[dict[str, Any]]]:
+                    items: int | None = None) -> list[list[dict[str, Any]]]:
     """Collated batches of each epoch of the bundled set, as the training loop's sampler orders them."""
-    data = StreamingDataset(read_manifest(bundled_manifest_path("train")), tokenizer, DelaySampler.choices(DELAYS_MS))
-    sampler = LengthBucketSampler(data.lengths_in_positions, max_positions, seed=0, bucketing=bucketing)
+    data = bundled_train_set(tokenizer, items)
+    sampler = LengthBucketSampler(data.lengths_in_positions, max_positions, seed=0)
     out = []
     for epoch in range(epochs):
         data.set_epoch(epoch)
@@ -59,59 +58,30 @@ def bundled_batches(tokenizer: StreamingTokenizer, epochs: int, max_positions: i
     return out
 
 
-def lora_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, kwargs: dict[str, Any],
-              labels: torch.Tensor, pad_id: int) -> float:
-    """Forward, our chunked streaming loss, backward, AdamW step."""
-    hidden = inner_model(model)(**kwargs).last_hidden_state
-    sums = streaming_loss_sums(hidden, model.get_base_model().lm_head, labels, pad_id, pad_weight=0.5,
-                               text_weight=1.0)
-    loss = sums.weighted / sums.weight
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()
-
-
-def plain_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    return {"input_ids": batch["input_ids"], "input_features": batch["input_features"],
-            "num_delay_tokens": batch["num_delay_tokens"], "use_cache": False}
-
-
 class Side:
-    """One way of running the step: its own model and optimizer, warmed up on all epochs but the last."""
+    """One way of running a batch: `step(batch)` does the work, `seconds[pass][batch]` records it."""
 
-    def __init__(self, name: str, inputs_of: Callable[[torch.nn.Module, dict], dict], epochs: list[list[dict]],
-                 pad_id: int) -> None:
-        self.name, self.inputs_of, self.pad_id = name, inputs_of, pad_id
-        self.model = scaled_lora_model()
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
-        self.best = float("inf")
-        self.run(b for epoch in epochs[:-1] for b in epoch)
+    def __init__(self, name: str, step: Callable[[dict], None]) -> None:
+        self.name, self.step = name, step
+        self.seconds: list[list[float]] = []
 
-    def run(self, batches) -> float:
+    def timed(self, batch: dict) -> None:
         started = time.perf_counter()
-        for batch in batches:
-            lora_step(self.model, self.optimizer, self.inputs_of(self.model, batch), batch["labels"], self.pad_id)
-        return time.perf_counter() - started
+        self.step(batch)
+        self.seconds[-1].append(time.perf_counter() - started)
 
-    def time(self, epoch: list[dict]) -> None:
-        self.best = min(self.best, self.run(epoch))
+    def pass_totals(self) -> list[float]:
+        return [sum(p) for p in self.seconds]
 
 
-def time_sides(sides: list[Side], epoch: list[dict], repeats: int) -> None:
-    """Timed passes over `epoch`, the sides taking turns so that a busy machine slows both alike; fastest kept."""
-    for _ in range(repeats):
+def time_alternating(sides: list[Side], epoch: list[dict], passes: int) -> None:
+    """`passes` passes over `epoch`; on every batch each side runs once, the order rotating per batch."""
+    for p in range(passes):
         for side in sides:
-            side.time(epoch)
-
-
-@torch.no_grad()
-def audio_forward_seconds(model: torch.nn.Module, epoch: list[dict]) -> float:
-    """Encoder + adapter forward alone over the epoch: what the cache removes from each step."""
-    started = time.perf_counter()
-    for batch in epoch:
-        inner_model(model).get_audio_features(input_features=batch["input_features"])
-    return time.perf_counter() - started
+            side.seconds.append([])
+        for b, batch in enumerate(epoch):
+            for side in turns(sides, p * len(epoch) + b):
+                side.timed(batch)
 
 
 def flop_bound(config: VoxtralRealtimeConfig, batches: list[dict]) -> tuple[float, float]:
@@ -129,44 +99,65 @@ def flop_bound(config: VoxtralRealtimeConfig, batches: list[dict]) -> tuple[floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2, help="timed passes over the second epoch (fastest kept)")
+    parser.add_argument("--passes", type=int, default=3, help="timed passes over epoch 1 (medians reported)")
+    parser.add_argument("--items", type=int, default=None, help="first N bundled clips only (default: all 56)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
+    print("before:", machine_line())
     tokenizer = StreamingTokenizer.tiny()
     pad_id = tokenizer.ids.streaming_pad
-    epochs = bundled_batches(tokenizer, 2, MAX_POSITIONS_PER_BATCH)
+    epochs = bundled_batches(tokenizer, 2, MAX_POSITIONS_PER_BATCH, args.items)
     config = scaled_config()
     params = flops.linear_params(config)
     positions = sum(b["input_ids"].numel() for b in epochs[-1])
     print(f"model: encoder {params.encoder / 1e6:.1f} M, decoder {params.decoder / 1e6:.1f} M, lm_head "
           f"{params.lm_head / 1e6:.1f} M linear weights; epoch: {len(epochs[-1])} batches, {positions} positions")
 
+    plain_model, cached_model = scaled_lora_model(), scaled_lora_model()
+    plain_lm, cached_lm = streaming_lm(plain_model, pad_id), streaming_lm(cached_model, pad_id)
+
+    def optimizer_of(model: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    plain_opt, cached_opt = optimizer_of(plain_model), optimizer_of(cached_model)
     with tempfile.TemporaryDirectory() as root:
-        caches: list[AudioEmbeddingCache] = []
+        cache = AudioEmbeddingCache(root, cached_model, protocol.delay_ms_to_tokens(max(DELAYS_MS)))
 
-        def cached(model: torch.nn.Module, batch: dict) -> dict:
-            if not caches:
-                caches.append(AudioEmbeddingCache(root, model, max(DELAYS_MS) // 80))
-            return cached_model_inputs(model, batch, caches[0])
+        def cached_step(batch: dict) -> None:
+            audio = cache.embeddings_for(batch["input_features"], batch["n_positions"], batch["num_delay_tokens"])
+            lora_step(cached_lm, cached_opt, batch, audio_embeds=audio)
 
-        plain = Side("LoRA", lambda model, batch: plain_inputs(batch), epochs, pad_id)
-        with_cache = Side("LoRA + cache", cached, epochs, pad_id)
-        time_sides([plain, with_cache], epochs[-1], args.repeats)
-        audio_seconds = min(audio_forward_seconds(plain.model, epochs[-1]) for _ in range(args.repeats))
-        hit_rate = caches[0].stats.hit_rate
+        @torch.no_grad()
+        def encoder_forward(batch: dict) -> None:
+            inner_model(plain_model).get_audio_features(input_features=batch["input_features"])
+
+        sides = [Side("LoRA", lambda batch: lora_step(plain_lm, plain_opt, batch)),
+                 Side("LoRA + cache", cached_step), Side("encoder + adapter forward", encoder_forward)]
+        time_alternating(sides, epochs[0], 1)  # warm-up: fills the cache, first-call allocations
+        for side in sides:
+            side.seconds.clear()
+        hits_before = cache.stats.hits
+        time_alternating(sides, epochs[-1], args.passes)
+        timed_hits = cache.stats.hits - hits_before
+    plain, cached, encoder = sides
+    print("after: ", machine_line())
 
     lora, lora_cached = flop_bound(config, epochs[-1])
     bound = lora / lora_cached
-    speedup = plain.best / with_cache.best
-    fwd = [flops.forward_flops(config, b["input_ids"].shape[1]) for b in epochs[-1]]
-    audio_flops = sum(f.audio * b["input_ids"].numel() for f, b in zip(fwd, epochs[-1]))
-    print(f"LoRA epoch {plain.best:.2f} s, with cache {with_cache.best:.2f} s (cache hit rate over all passes "
-          f"{hit_rate:.2f})")
-    print(f"speed-up {speedup:.2f}x; FLOP bound {bound:.2f}x ({lora / positions / 1e6:.0f} vs "
-          f"{lora_cached / positions / 1e6:.0f} MFLOP per position); {100 * speedup / bound:.0f} % of the bound")
-    print(f"achieved GFLOP/s: LoRA step {lora / plain.best / 1e9:.1f}, cached step "
-          f"{lora_cached / with_cache.best / 1e9:.1f}, encoder + adapter forward alone "
-          f"{audio_flops / audio_seconds / 1e9:.1f} ({audio_seconds:.2f} s per epoch)")
+    epoch_ratios = [a / b for a, b in zip(plain.pass_totals(), cached.pass_totals())]
+    batch_ratios = [a / b for pa, pc in zip(plain.seconds, cached.seconds) for a, b in zip(pa, pc)]
+    residual = [a - b - e for pa, pc, pe in zip(plain.seconds, cached.seconds, encoder.seconds)
+                for a, b, e in zip(pa, pc, pe)]
+    items = sum(b["input_ids"].shape[0] for b in epochs[-1]) * args.passes
+    print(f"cache hits in the timed passes: {timed_hits} of {items} clips")
+    for side in sides:
+        print(f"{side.name:<28} epoch seconds, median (min-max) of {args.passes} passes: {spread(side.pass_totals())}")
+    print(f"speed-up per epoch {spread(epoch_ratios)}x, per batch {spread(batch_ratios)}x; FLOP bound {bound:.2f}x "
+          f"({lora / positions / 1e6:.0f} vs {lora_cached / positions / 1e6:.0f} MFLOP per position); median epoch "
+          f"speed-up = {100 * statistics.median(epoch_ratios) / bound:.0f} % of the bound")
+    print(f"uncached - cached - encoder forward, per batch: {spread(residual, '.3f')} s")
+    print(f"achieved GFLOP/s (median epochs): LoRA step {lora / statistics.median(plain.pass_totals()) / 1e9:.1f}, "
+          f"cached step {lora_cached / statistics.median(cached.pass_totals()) / 1e9:.1f}")
 
 
 if __name__ == "__main__":

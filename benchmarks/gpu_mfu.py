@@ -13,7 +13,8 @@ gradient checkpointing is switched on and the line says so.
 
 MFU = model FLOPs per position (`voxtral_train.flops.step_flops`, no recomputation) x positions/s / peak;
 HFU adds the recomputation of checkpointing and of the CE chunks. The peak used is printed (H100/H200 SXM dense bf16:
-989 TFLOP/s; `--peak-tflops` for anything else). Audio-seconds/s = positions/s x 0.08 s (padding included).
+989 TFLOP/s; `--peak-tflops` for anything else). Audio-seconds/s counts the clips' own audio (batch x --seconds
+per step), not the stream's pad positions (32 left + delay + 11 right: +13 % at 30 s clips, +67 % at 6 s).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from transformers import VoxtralRealtimeForConditionalGeneration
 from voxtral_train import flops, protocol
 from voxtral_train.config import PeftSettings
 from voxtral_train.memory_plan import GIB, plan_memory
-from voxtral_train.model import compile_layers, tiny_config, voxtral_mini_4b_config
+from voxtral_train.compiled import compile_layers
+from voxtral_train.model import tiny_config, voxtral_mini_4b_config
 from voxtral_train.patches import apply_training_fixes
 from voxtral_train.streaming_lm import StreamingLM, unwrap_peft
 from voxtral_train.trainable import apply_trainable_policy, enable_gradient_checkpointing
@@ -149,7 +151,7 @@ def run_mode(model, mode: str, kernels: list[str], args, device: torch.device, d
         rate = args.batch * positions / seconds
         results.append(Result(
             mode=mode, attention=kernel, batch=args.batch, positions=positions, checkpointing=checkpointing,
-            positions_per_s=rate, audio_s_per_s=rate * protocol.POSITION_SECONDS,
+            positions_per_s=rate, audio_s_per_s=args.batch * args.seconds / seconds,
             gflop_per_position=step.model / 1e9, mfu=flops.mfu(step.model, rate, peak),
             hfu=flops.mfu(step.hardware, rate, peak),
             peak_memory_gib=torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
@@ -193,7 +195,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--modes", default="full,lora", help="comma list of full, lora (full runs first)")
     parser.add_argument("--checkpointing", action="store_true", help="force gradient checkpointing")
     parser.add_argument("--lora-bf16", action="store_true", help="LoRA weights in bf16 (peft.adapter_fp32=false)")
-    parser.add_argument("--compile", action="store_true", help="regional torch.compile of every layer (model.compile_layers)")
+    parser.add_argument("--compile", action="store_true", help="regional torch.compile of every layer (compiled.compile_layers)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense FLOP/s of the device, in TFLOP/s")
     return parser.parse_args(argv)
 
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         if mode == "lora":
             model = apply_trainable_policy(model, PeftSettings(mode="lora", adapter_fp32=not args.lora_bf16))
         if args.compile:
-            print(f"{mode}: compiled {compile_layers(model)} layers (first steps include the compilation)")
+            print(f"{mode}: compiled {compile_layers(model).layers} layers (first steps include the compilation)")
         results += run_mode(model, mode, kernels, args, device, dtype, peak)
     return results
 

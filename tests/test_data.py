@@ -136,16 +136,20 @@ def test_item_is_targets_plus_features(clips):
     item = dataset[0]
     samples = load_audio(clips[0].audio)
     targets = build_targets(clips[0].words, TOK, len(samples), 6)
-    assert item["input_ids"].tolist() == targets.input_ids and item["labels"].tolist() == targets.labels
-    assert item["input_features"].shape == (128, 8 * targets.n_positions)
-    torch.testing.assert_close(item["input_features"], log_mel(pad_audio(samples, 6)), rtol=0, atol=0)
-    assert (item["num_delay_tokens"].item(), item["n_positions"].item(), item["id"]) == (6, targets.n_positions, "long")
+    n = targets.eos_position  # the stream is cut at EOS (nothing from there on is scored)
+    assert item["input_ids"].tolist() == targets.input_ids[:n] and item["labels"].tolist() == targets.labels[:n]
+    assert set(targets.labels[n:]) == {-100}
+    assert item["input_features"].shape == (128, 8 * n)
+    torch.testing.assert_close(item["input_features"], log_mel(pad_audio(samples, 6))[:, : 8 * n], rtol=0, atol=0)
+    assert (item["num_delay_tokens"].item(), item["n_positions"].item(), item["id"]) == (6, n, "long")
     assert item["audio_seconds"].item() == pytest.approx(1.3)
-    assert dataset.lengths_in_positions() == [dataset[0]["n_positions"].item(), dataset[1]["n_positions"].item()]
+    untrimmed = StreamingDataset(clips, TOK, DelaySampler.fixed(480), trim_after_eos=False)
+    assert untrimmed[0]["input_ids"].tolist() == targets.input_ids
+    assert dataset.lengths_in_positions() == [untrimmed[0]["n_positions"].item(), untrimmed[1]["n_positions"].item()]
 
 
 def test_lengths_per_epoch_follow_the_drawn_delays(clips):
-    dataset = StreamingDataset(clips, TOK, DelaySampler.uniform(80, 2400), seed=4)
+    dataset = StreamingDataset(clips, TOK, DelaySampler.uniform(80, 2400), seed=4, trim_after_eos=False)
     at_max = dataset.lengths_in_positions()
     for epoch in (0, 1):
         dataset.set_epoch(epoch)
@@ -158,7 +162,7 @@ def test_lengths_per_epoch_follow_the_drawn_delays(clips):
 def test_item_reads_its_segment_and_draws_its_delay(clips):
     segment = Utterance(id="seg", audio=clips[0].audio, text="cat", offset=0.4, end=1.0,
                         words=[Word("cat", 0.05, 0.5)])
-    dataset = StreamingDataset([segment], TOK, DelaySampler.uniform(80, 2400), seed=3)
+    dataset = StreamingDataset([segment], TOK, DelaySampler.uniform(80, 2400), seed=3, trim_after_eos=False)
     delays = []
     for epoch in range(6):
         dataset.set_epoch(epoch)

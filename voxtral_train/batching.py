@@ -26,7 +26,8 @@ class LengthBucketSampler(Sampler[list[int]]):
 
     `lengths_in_positions` is a list, or a function epoch -> list when lengths change per epoch (each item draws its
     delay per epoch: `StreamingDataset.lengths_in_positions`); bucketing by the drawn lengths keeps items with
-    different delays out of one batch.
+    different delays out of one batch. `tag_epoch=True` yields `(epoch, index)` pairs instead of indices: the
+    sampler runs in the main process, so persistent DataLoader workers learn each item's epoch from its key.
     """
 
     def __init__(
@@ -38,11 +39,12 @@ class LengthBucketSampler(Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
         bucketing: bool = True,
+        tag_epoch: bool = False,
     ) -> None:
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
         self.max_positions = max_positions_per_batch
-        self.seed, self.shuffle, self.bucketing = seed, shuffle, bucketing
+        self.seed, self.shuffle, self.bucketing, self.tag_epoch = seed, shuffle, bucketing, tag_epoch
         self.num_replicas, self.rank = num_replicas, rank
         fixed = lengths_in_positions
         self._lengths_of = lengths_in_positions if callable(lengths_in_positions) else lambda epoch: fixed
@@ -127,12 +129,12 @@ class LengthBucketSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return len(self._rank_batches()) - self._skip
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[int] | list[tuple[int, int]]]:
         batches = self._rank_batches()
         start, self._skip = self._skip, 0
         for position in range(start, len(batches)):
             self._yielded = position + 1
-            yield batches[position]
+            yield [(self.epoch, i) for i in batches[position]] if self.tag_epoch else batches[position]
 
 
 def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:

@@ -31,10 +31,14 @@ STREAMING_PAD_ID = protocol.EXPECTED_SPECIAL_IDS["[STREAMING_PAD]"]
 class StreamingDataset(Dataset):
     """Manifest rows -> model inputs and shifted labels, one delay per item drawn from `delay_sampler`.
 
-    Call `set_epoch(e)` each epoch to draw new delays (DataLoader workers pick it up when they are started for the
-    epoch, i.e. without `persistent_workers`). Audio is quantised to 16-bit PCM as serving does, unless `pcm16` is
-    false. An item whose audio no longer reads (the file changed after the pre-flight check) comes back as
-    `{"id", "skipped": why}`: `collate` leaves it out and the trainer logs and counts it.
+    Call `set_epoch(e)` each epoch to draw new delays, or index with `(epoch, index)` (`LengthBucketSampler`
+    with `tag_epoch=True`): persistent DataLoader workers hold a copy of the dataset that never sees `set_epoch`.
+    With `trim_after_eos` (the default) an item ends where its EOS would be: the positions from there on are never
+    scored and, the model being causal, change nothing before them, so they are cut after the log-mel is computed
+    (the log-mel's centred STFT at the cut reads the same samples as untrimmed) and cost nothing.
+    Audio is quantised to 16-bit PCM as serving does, unless `pcm16` is false. An item whose audio no longer reads
+    (the file changed after the pre-flight check) comes back as `{"id", "skipped": why}`: `collate` leaves it out
+    and the trainer logs and counts it.
     """
 
     def __init__(
@@ -47,6 +51,7 @@ class StreamingDataset(Dataset):
         seed: int = 0,
         offset_frames: int = 0,
         pcm16: bool = True,
+        trim_after_eos: bool = True,
     ) -> None:
         if max_seconds is not None:
             utterances = [
@@ -61,6 +66,7 @@ class StreamingDataset(Dataset):
         self.offset_frames = offset_frames
         self.seed = seed
         self.pcm16 = pcm16
+        self.trim_after_eos = trim_after_eos
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -78,7 +84,9 @@ class StreamingDataset(Dataset):
         draws in `epoch` (what its batch will hold), or at the largest delay when `epoch` is None (an upper bound).
 
         An item whose last words are too late for the standard right pad grows a few positions beyond this
-        (targets.build_targets); that is rare and only overshoots a batch budget slightly.
+        (targets.build_targets); that is rare and only overshoots a batch budget slightly. Trimmed after EOS, an
+        item is 1 to RIGHT_PAD_BUFFER_TOKENS positions shorter than this (its last word's pieces push EOS right):
+        the untrimmed length stays the bound, so a batch never exceeds its budget.
         """
         return [
             protocol.n_total_positions(
@@ -87,7 +95,9 @@ class StreamingDataset(Dataset):
             for i, n in enumerate(self._n_samples)
         ]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """Item `key` at the delay it draws in `self.epoch`, or `key = (epoch, index)` at that epoch's delay."""
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         utt = self.utterances[index]
         if utt.words is None:
             raise ValueError(f"utterance {utt.id} ({utt.audio}) has no word timings: run data_prep to assign them")
@@ -95,15 +105,16 @@ class StreamingDataset(Dataset):
             samples = load_audio(utt.audio, utt.offset, utt.end, pcm16=self.pcm16)
         except AudioError as err:
             return {"id": utt.id, "skipped": err.message}
-        delay = self.delay_sampler.draw(self.seed, self.epoch, index)
+        delay = self.delay_sampler.draw(self.seed, epoch, index)
         targets = build_targets(utt.words, self.tokenizer, len(samples), delay, self.anchor, self.offset_frames)
         features = log_mel(pad_audio(samples, delay, targets.extra_right_pad))
+        n = targets.eos_position if self.trim_after_eos else targets.n_positions  # labels are -100 from EOS on
         return {
-            "input_features": features,  # [128, 8 * P]
-            "input_ids": torch.tensor(targets.input_ids, dtype=torch.long),  # [P]
-            "labels": torch.tensor(targets.labels, dtype=torch.long),  # [P]
+            "input_features": features[:, : protocol.MEL_FRAMES_PER_POSITION * n],  # [128, 8 * P]
+            "input_ids": torch.tensor(targets.input_ids[:n], dtype=torch.long),  # [P]
+            "labels": torch.tensor(targets.labels[:n], dtype=torch.long),  # [P]
             "num_delay_tokens": torch.tensor(delay, dtype=torch.long),
-            "n_positions": torch.tensor(targets.n_positions, dtype=torch.long),
+            "n_positions": torch.tensor(n, dtype=torch.long),
             "audio_seconds": torch.tensor(len(samples) / protocol.SAMPLE_RATE, dtype=torch.float32),
             "id": utt.id,
         }

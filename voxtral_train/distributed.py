@@ -135,7 +135,7 @@ def model_inputs(accelerator: Accelerator, batches: Sequence[dict], chunk_positi
     """The model inputs of `batches` on the device. Under ZeRO-3 every rank must call the same modules equally
     often (parameters are gathered collectively, in a recorded order), but the number of loss chunks depends on the
     batch: each micro-batch is told the largest number of loss chunks across ranks."""
-    inputs = [{key: b[key].to(accelerator.device) for key in MODEL_INPUTS} for b in batches]
+    inputs = [{key: b[key].to(accelerator.device, non_blocking=True) for key in MODEL_INPUTS} for b in batches]
     if zero_stage != 3:
         return inputs
     local = torch.tensor([math.ceil((b["labels"] != IGNORE_INDEX).sum().item() / chunk_positions) for b in inputs],

@@ -105,13 +105,14 @@ def streaming_loss_sums(hidden: torch.Tensor, project: Callable[[torch.Tensor], 
     )
 
 
-def backward_scale(global_weight: float, accumulation_steps: int, world_size: int) -> float:
+def backward_scale(global_weight: float | torch.Tensor, accumulation_steps: int, world_size: int) -> torch.Tensor:
     """Factor turning a micro-batch's summed loss into what `accelerator.backward` needs.
 
     accelerate (and DeepSpeed) divide the loss by the accumulation steps and average gradients over ranks; we want
     the gradient of sum(all weighted CE in the window, all ranks) / global_weight, so we multiply both back.
+    A tensor on the device in, a tensor out: the training loop never waits for the value.
     """
-    return accumulation_steps * world_size / max(global_weight, 1e-12)
+    return accumulation_steps * world_size / torch.as_tensor(global_weight, dtype=torch.float32).clamp_min(1e-12)
 
 
 def summarize(stats: torch.Tensor) -> dict[str, float]:

@@ -169,20 +169,3 @@ def _load_mistral_folder(folder: Path, dtype: torch.dtype, attn_implementation: 
     model.tie_weights()
     return model
 
-
-def compile_layers(model: torch.nn.Module) -> int:
-    """Regional `torch.compile` of every encoder and decoder layer; returns how many were compiled.
-
-    The layers are identical in structure, so one compilation per stack is reused (~30 s for the 4B model on an
-    H100) and the many small elementwise kernels of the eager layers (norms, rotary, SwiGLU, LoRA casts) fuse: LoRA
-    MFU went from 17 % to 29 % in benchmarks/RESULTS.md. Works through PEFT wrappers (it finds the layers by type).
-    """
-    from transformers.models.voxtral_realtime.modeling_voxtral_realtime import (
-        VoxtralRealtimeEncoderLayer,
-        VoxtralRealtimeTextDecoderLayer,
-    )
-
-    layers = [m for m in model.modules() if isinstance(m, (VoxtralRealtimeEncoderLayer, VoxtralRealtimeTextDecoderLayer))]
-    for layer in layers:
-        layer.compile()
-    return len(layers)

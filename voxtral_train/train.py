@@ -38,6 +38,7 @@ from voxtral_train.checkpoint import (
     save_checkpoint,
 )
 from voxtral_train.checkpoint_writer import RunWriter, write_run_config
+from voxtral_train.compiled import compile_layers
 from voxtral_train.config import Settings, TrainSettings, settings_to_dict
 from voxtral_train.dataset import StreamingDataset, auto_num_workers, collate
 from voxtral_train.delays import DelaySampler
@@ -53,7 +54,7 @@ from voxtral_train.embedding_cache import AudioEmbeddingCache
 from voxtral_train.eval_report import write_run_summary
 from voxtral_train.evaluate import RunEvaluator
 from voxtral_train.loss import STAT_NAMES, backward_scale, summarize, target_weights
-from voxtral_train.model import compile_layers, load_model
+from voxtral_train.model import load_model
 from voxtral_train.preflight import CheckedRun, check_run
 from voxtral_train.resume_diff import check_resume, lr_note
 from voxtral_train.run_lock import RunLock, RunLocked
@@ -118,8 +119,7 @@ def _train(settings: Settings, checked: CheckedRun, accelerator: Accelerator, ru
     model = apply_trainable_policy(model, settings.peft)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    if t.compile:
-        compile_layers(model)
+    compile_stats = compile_layers(model) if t.compile else None
     say(parameter_table(model))
 
     # 3. Data: bucketed micro-batches sharded by rank (the DataLoader stays on CPU), a fixed held-out list --------
@@ -133,13 +133,17 @@ def _train(settings: Settings, checked: CheckedRun, accelerator: Accelerator, ru
         max_seconds=data.max_seconds, seed=t.seed, pcm16=data.pcm16)  # evaluation uses one delay
     # Lengths per epoch (each item's delay is redrawn every epoch), so buckets hold items of the same real length.
     sampler = LengthBucketSampler(train_set.lengths_in_positions, data.max_positions_per_batch, seed=t.seed,
-                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index,
+                                  tag_epoch=True)
     # Its own generator: each new DataLoader iterator draws a seed, which must not move the global RNG (dropout),
     # or a resumed run (a new iterator mid-epoch) would diverge from an unbroken one.
     workers = auto_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if data.num_workers is None \
         else data.num_workers
+    # Persistent workers: the sampler tags each index with its epoch (tag_epoch), so they need no set_epoch.
+    # Pinned batches let model_inputs copy to the GPU without blocking.
     loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                        generator=torch.Generator().manual_seed(t.seed))
+                        generator=torch.Generator().manual_seed(t.seed), pin_memory=torch.cuda.is_available(),
+                        persistent_workers=workers > 0)
     audio_cache = None
     if data.audio_embedding_cache:  # refuses by itself when the encoder or adapter trains
         cache_dir = data.audio_embedding_cache_dir or str(Path(t.output_root) / "audio_embedding_cache")
@@ -223,7 +227,8 @@ def _train(settings: Settings, checked: CheckedRun, accelerator: Accelerator, ru
         losses[state.step] = metrics["loss"]
         metrics.update(lr=lr, grad_norm=None if grad_norm is None else float(grad_norm), epoch=state.epoch,
                        audio_seconds=audio_seconds, positions=positions, step_seconds=seconds,
-                       audio_seconds_per_second=audio_seconds / seconds, skipped_items=skipped_items)
+                       audio_seconds_per_second=audio_seconds / seconds, skipped_items=skipped_items,
+                       **(compile_stats.metrics() if compile_stats else {}))
         progress.update(1)
         progress.set_postfix(loss=f"{metrics['loss']:.3f}", text_acc=f"{metrics['text_accuracy']:.2f}",
                              audio_s_per_s=f"{audio_seconds / seconds:.1f}")
@@ -275,28 +280,33 @@ def _train(settings: Settings, checked: CheckedRun, accelerator: Accelerator, ru
 def forward_backward(accelerator: Accelerator, wrapped: torch.nn.Module, window: list[dict], settings: Settings,
                      pad_id: int, audio_cache: AudioEmbeddingCache | None) -> torch.Tensor | None:
     """Forward and backward of one accumulation window. Returns the summed loss statistics plus audio seconds and
-    positions (a local vector, `STAT_NAMES` + 2), or None when the loss is non-finite on any rank (no backward ran
-    for that micro-batch, and the caller must not step)."""
+    positions (a local vector, `STAT_NAMES` + 2), or None when the loss is non-finite on any rank (the caller must
+    not step, and must clear the gradients the window's earlier micro-batches left).
+
+    No host sync per micro-batch: the normaliser and the statistics stay on the device, and the non-finite flag is
+    reduced once per window, before its last backward (under DeepSpeed the engine steps inside that one)."""
     t = settings.train
     # The loss normaliser: the target weight of the whole window on all ranks, counted before it runs.
     local_weight = sum(target_weights(b["labels"], pad_id, t.pad_loss_weight, t.text_loss_weight).sum()
                        for b in window)
-    global_weight = accelerator.reduce(local_weight.to(accelerator.device), "sum").item()
+    global_weight = accelerator.reduce(local_weight.to(accelerator.device), "sum")
     scale = backward_scale(global_weight, t.gradient_accumulation_steps, accelerator.num_processes)
     totals = torch.zeros(len(STAT_NAMES) + 2, device=accelerator.device)
-    for batch, inputs in zip(window, model_inputs(accelerator, window, t.loss_chunk_positions,
-                                                  settings.deepspeed.zero_stage)):
+    non_finite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
+    inputs_of = model_inputs(accelerator, window, t.loss_chunk_positions, settings.deepspeed.zero_stage)
+    for index, (batch, inputs) in enumerate(zip(window, inputs_of)):
         if audio_cache is not None:  # computed on the first epoch, read back on later ones
             del inputs["input_features"]
             inputs["audio_embeds"] = audio_cache.embeddings_for(batch["input_features"], batch["n_positions"],
                                                                 batch["num_delay_tokens"])
         with accelerator.accumulate(wrapped):
             weighted, stats = wrapped(**inputs)
-            if any_rank(accelerator, ~torch.isfinite(weighted)):
+            non_finite |= ~torch.isfinite(weighted)
+            if index == len(window) - 1 and any_rank(accelerator, non_finite):
                 return None
             accelerator.backward(weighted * scale)
-        sizes = torch.tensor([batch["audio_seconds"].sum().item(), float(batch["input_ids"].numel())])
-        totals += torch.cat([stats, sizes.to(accelerator.device)])
+        sizes = torch.stack([batch["audio_seconds"].sum(), torch.tensor(float(batch["input_ids"].numel()))])
+        totals += torch.cat([stats, sizes.to(accelerator.device, non_blocking=True)])
     return totals
 
 
