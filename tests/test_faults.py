@@ -335,7 +335,7 @@ FAKE_SLURM = {
     "srun": 'while [ "${1#--}" != "$1" ]; do shift; done; setsid "$@" & echo $! > "$STEP"; wait $!',
     "scancel": 'echo "scancel $*" >> "$LOG"; kill -USR1 -- -"$(cat "$STEP")"',
     # accelerate: a launcher that waits for its trainer and reports how it ended.
-    "accelerate": '"$PYTHON" "$TRAINER" "$@"; code=$?; echo "launcher saw the trainer exit $code" >> "$LOG"; exit $code',
+    "accelerate": '"$PYTHON" "$TRAINER" "$@"; c=$?; echo "launcher saw the trainer exit $c" >> "$LOG"; exit $c',
 }
 FAKE_TRAINER = textwrap.dedent("""
     import os, signal, sys, time
