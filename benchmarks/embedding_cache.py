@@ -10,8 +10,8 @@ optimizer. Epoch 0 warms both up (and fills the cache); then `--passes` passes o
 redrawn) are timed batch by batch, the two sides taking turns on every batch (the order flips each batch), so a
 load burst hits both alike. The cached side's time includes hashing the features and reading the entries back.
 The encoder + adapter forward alone is timed in the same rotation: uncached ≈ cached + encoder forward is the check.
-The bound is the ratio of the two modes' step FLOPs for these very batches (`voxtral_train.flops`, including the
-checkpointed loss chunks' recomputation): the cache cannot beat it on hardware where every FLOP costs the same.
+The bound is the ratio of the two modes' step FLOPs for these very batches (`voxtral_train.flops`; the fused loss
+recomputes nothing): the cache cannot beat it on hardware where every FLOP costs the same.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def flop_bound(config: VoxtralRealtimeConfig, batches: list[dict]) -> tuple[floa
         total = 0.0
         for batch in batches:
             b, p = batch["input_ids"].shape
-            total += flops.step_flops(config, p, mode, checkpointed_loss_chunks=True).hardware * b * p
+            total += flops.step_flops(config, p, mode).hardware * b * p  # the fused loss recomputes nothing
         totals.append(total)
     return totals[0], totals[1]
 

@@ -7,12 +7,12 @@
 For each parameter mode (full fine-tuning first, then LoRA on the same weights) and each attention kernel (SDPA;
 flash_attention_2 when `flash_attn` imports) it runs `--warmup` untimed steps, then `--steps` timed steps between
 `torch.cuda.synchronize()` calls. A step = the trainer's own forward + chunked, checkpointed CE
-(`voxtral_train.streaming_lm.StreamingLM`) on random labels, backward, fused AdamW step. Full FT uses torch AdamW on the bf16 weights
+(`voxtral_train.streaming_lm.StreamingLM`, fused loss unless --checkpointed-loss) on random labels, backward, fused AdamW step. Full FT uses torch AdamW on the bf16 weights
 (bf16 moments, no fp32 master: 8 B/param) so it fits one 80 GB GPU; if the memory planner says the batch does not fit,
 gradient checkpointing is switched on and the line says so.
 
 MFU = model FLOPs per position (`voxtral_train.flops.step_flops`, no recomputation) x positions/s / peak;
-HFU adds the recomputation of checkpointing and of the CE chunks. The peak used is printed (H100/H200 SXM dense bf16:
+HFU adds the recomputation of checkpointing (and of the CE chunks with --checkpointed-loss). The peak used is printed (H100/H200 SXM dense bf16:
 989 TFLOP/s; `--peak-tflops` for anything else). Audio-seconds/s counts the clips' own audio (batch x --seconds
 per step), not the stream's pad positions (32 left + delay + 11 right: +13 % at 30 s clips, +67 % at 6 s).
 """
@@ -139,14 +139,15 @@ def run_mode(model, mode: str, kernels: list[str], args, device: torch.device, d
     optimizer = torch.optim.AdamW(trainable, lr=1e-6, fused=device.type == "cuda")
     batch = random_batch(config, args.batch, positions, device, dtype)
     step = flops.step_flops(config, positions, mode, gradient_checkpointing=checkpointing,
-                            checkpointed_loss_chunks=True)
+                            checkpointed_loss_chunks=args.checkpointed_loss)
     results = []
     for kernel in kernels:
         set_attention(model, kernel)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        lm = StreamingLM(model, pad_id=0, chunk_positions=CHUNK_POSITIONS)  # random labels: every target weighs 1
+        lm = StreamingLM(model, pad_id=0, chunk_positions=CHUNK_POSITIONS,  # random labels: every target weighs 1
+                         fused_loss=not args.checkpointed_loss)
         seconds = time_steps(lm, optimizer, batch, args.warmup, args.steps, device)
         rate = args.batch * positions / seconds
         results.append(Result(
@@ -196,6 +197,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--checkpointing", action="store_true", help="force gradient checkpointing")
     parser.add_argument("--lora-bf16", action="store_true", help="LoRA weights in bf16 (peft.adapter_fp32=false)")
     parser.add_argument("--compile", action="store_true", help="regional torch.compile of every layer (compiled.compile_layers)")
+    parser.add_argument("--checkpointed-loss", action="store_true",
+                        help="loss chunks under checkpointing (recompute the lm_head) instead of the fused chunk step")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense FLOP/s of the device, in TFLOP/s")
     return parser.parse_args(argv)
 

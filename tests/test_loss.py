@@ -113,3 +113,32 @@ def test_padding_with_empty_chunks_changes_nothing():
         padded = streaming_loss_sums(hidden, head, labels, PAD, min_chunks=n_plain + 3, **kw)
     assert len(calls) - n_plain == n_plain + 3 and calls[-1] == 0
     torch.testing.assert_close(plain.stats(), padded.stats())
+
+
+def test_fused_loss_equals_the_checkpointed_one_with_gradients():
+    """The fused chunk step (logit gradient made in the forward) against the checkpointed recompute path: same sums,
+    same gradients for the hidden states and for a trained lm_head, chunks not aligned with rows."""
+    for z_loss in (0.0, 1e-3):
+        results = []
+        for fused in (False, True):
+            hidden, head, labels = _batch(seed=2)
+            sums = streaming_loss_sums(hidden, head, labels, PAD, pad_weight=0.5, text_weight=1.0, z_loss=z_loss,
+                                       chunk_positions=7, fused=fused)
+            grads = torch.autograd.grad(3.0 * sums.weighted, [hidden, head.weight])
+            results.append((sums.stats(), grads))
+        (stats_ref, grads_ref), (stats_fused, grads_fused) = results
+        torch.testing.assert_close(stats_fused, stats_ref, rtol=1e-6, atol=1e-5)
+        for got, expected in zip(grads_fused, grads_ref):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_loss_falls_back_where_the_weight_is_not_a_plain_linear():
+    hidden, head, labels = _batch(seed=3)
+    kw = dict(pad_weight=0.5, text_weight=1.0, chunk_positions=16)
+    as_function = streaming_loss_sums(hidden, lambda h: head(h), labels, PAD, **kw)  # no .weight: checkpointed
+    fused = streaming_loss_sums(hidden, head, labels, PAD, **kw)
+    def made_by_fused(sums) -> bool:  # the weighted sum is one entry of the fused function's output vector
+        return "_FusedLinearCEBackward" in str(sums.weighted.grad_fn.next_functions)
+
+    assert made_by_fused(fused) and not made_by_fused(as_function)
+    torch.testing.assert_close(fused.weighted, as_function.weighted)

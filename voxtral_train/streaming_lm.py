@@ -24,12 +24,13 @@ class StreamingLM(torch.nn.Module):
     (weighted loss sum, detached statistics vector `voxtral_train.loss.STAT_NAMES`)."""
 
     def __init__(self, model: torch.nn.Module, pad_id: int, *, pad_weight: float = 1.0, text_weight: float = 1.0,
-                 z_loss: float = 0.0, chunk_positions: int = 1024):
+                 z_loss: float = 0.0, chunk_positions: int = 1024, fused_loss: bool = True):
         super().__init__()
         self.model = model
         self.pad_id = pad_id
         self.pad_weight, self.text_weight, self.z_loss = pad_weight, text_weight, z_loss
         self.chunk_positions = chunk_positions
+        self.fused_loss = fused_loss  # logit gradients made in the loss forward (voxtral_train.loss._FusedLinearCE)
 
     @property
     def base(self) -> torch.nn.Module:
@@ -49,5 +50,5 @@ class StreamingLM(torch.nn.Module):
         ).last_hidden_state
         sums = streaming_loss_sums(hidden, base.lm_head, labels, self.pad_id, pad_weight=self.pad_weight,
                                    text_weight=self.text_weight, z_loss=self.z_loss,
-                                   chunk_positions=self.chunk_positions, min_chunks=min_chunks)
+                                   chunk_positions=self.chunk_positions, min_chunks=min_chunks, fused=self.fused_loss)
         return sums.weighted, sums.stats()
