@@ -12,8 +12,9 @@ flash_attention_2 when `flash_attn` imports) it runs `--warmup` untimed steps, t
 gradient checkpointing is switched on and the line says so.
 
 MFU = model FLOPs per position (`voxtral_train.flops.step_flops`, no recomputation) x positions/s / peak;
-HFU adds the recomputation of checkpointing (and of the CE chunks with --checkpointed-loss). The peak used is printed (H100/H200 SXM dense bf16:
-989 TFLOP/s; `--peak-tflops` for anything else). Audio-seconds/s counts the clips' own audio (batch x --seconds
+HFU adds the recomputation of checkpointing (and of the CE chunks with --checkpointed-loss). The peak used is
+printed (H100/H200 SXM dense bf16: 989 TFLOP/s; `--peak-tflops` for anything else). `--shapes 6,12,20,30` cycles
+the steps through bucket shapes, as training does (a static shape flatters compiled layers). Audio-seconds/s counts the clips' own audio (batch x --seconds
 per step), not the stream's pad positions (32 left + delay + 11 right: +13 % at 30 s clips, +67 % at 6 s).
 """
 
@@ -103,16 +104,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(lm: StreamingLM, optimizer, batch: dict, warmup: int, steps: int, device: torch.device) -> float:
-    """Seconds per timed step, warmup excluded."""
-    for _ in range(warmup):
-        train_step(lm, optimizer, batch)
+def time_steps(lm: StreamingLM, optimizer, batches: list[dict], warmup: int, steps: int,
+               device: torch.device) -> float:
+    """Seconds of `steps` timed steps cycling through `batches` (bucket shapes, as in training), after `warmup`
+    untimed steps on each shape (compilation of each shape)."""
+    for batch in batches:
+        for _ in range(warmup):
+            train_step(lm, optimizer, batch)
     _sync(device)
     start = time.perf_counter()
-    for _ in range(steps):
-        train_step(lm, optimizer, batch)
+    for i in range(steps):
+        train_step(lm, optimizer, batches[i % len(batches)])
     _sync(device)
-    return (time.perf_counter() - start) / steps
+    return time.perf_counter() - start
 
 
 def set_attention(model, kernel: str) -> None:
@@ -137,9 +141,17 @@ def run_mode(model, mode: str, kernels: list[str], args, device: torch.device, d
         plan = plan_memory(config, settings, args.batch * positions, gradient_checkpointing=True, **plan_args)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-6, fused=device.type == "cuda")
-    batch = random_batch(config, args.batch, positions, device, dtype)
-    step = flops.step_flops(config, positions, mode, gradient_checkpointing=checkpointing,
-                            checkpointed_loss_chunks=args.checkpointed_loss)
+    # One batch per bucket shape, each holding about the positions of --batch clips of --seconds.
+    shapes = [(s, flops.positions_for_clip(s)) for s in (args.shapes or [args.seconds])]
+    sizes = [(s, max(1, round(args.batch * positions / p)), p) for s, p in shapes]
+    batches = [random_batch(config, b, p, device, dtype) for _, b, p in sizes]
+    timed = [sizes[i % len(sizes)] for i in range(args.steps)]
+    timed_positions = sum(b * p for _, b, p in timed)
+    timed_audio = sum(b * s for s, b, _ in timed)
+    steps = [flops.step_flops(config, p, mode, gradient_checkpointing=checkpointing,
+                              checkpointed_loss_chunks=args.checkpointed_loss) for _, _, p in timed]
+    model_flops = sum(st.model * b * p for st, (_, b, p) in zip(steps, timed)) / timed_positions  # per position
+    hardware_flops = sum(st.hardware * b * p for st, (_, b, p) in zip(steps, timed)) / timed_positions
     results = []
     for kernel in kernels:
         set_attention(model, kernel)
@@ -148,13 +160,13 @@ def run_mode(model, mode: str, kernels: list[str], args, device: torch.device, d
             torch.cuda.reset_peak_memory_stats(device)
         lm = StreamingLM(model, pad_id=0, chunk_positions=CHUNK_POSITIONS,  # random labels: every target weighs 1
                          fused_loss=not args.checkpointed_loss)
-        seconds = time_steps(lm, optimizer, batch, args.warmup, args.steps, device)
-        rate = args.batch * positions / seconds
+        seconds = time_steps(lm, optimizer, batches, args.warmup, args.steps, device)
+        rate = timed_positions / seconds
         results.append(Result(
             mode=mode, attention=kernel, batch=args.batch, positions=positions, checkpointing=checkpointing,
-            positions_per_s=rate, audio_s_per_s=args.batch * args.seconds / seconds,
-            gflop_per_position=step.model / 1e9, mfu=flops.mfu(step.model, rate, peak),
-            hfu=flops.mfu(step.hardware, rate, peak),
+            positions_per_s=rate, audio_s_per_s=timed_audio / seconds,
+            gflop_per_position=model_flops / 1e9, mfu=flops.mfu(model_flops, rate, peak),
+            hfu=flops.mfu(hardware_flops, rate, peak),
             peak_memory_gib=torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
             planned_gib=plan.total / GIB,
         ))
@@ -191,6 +203,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--batch", type=int, default=8, help="clips per step")
     parser.add_argument("--seconds", type=float, default=30.0, help="clip length; positions include the stream pads")
+    parser.add_argument("--shapes", type=lambda text: [float(x) for x in text.split(",")], default=None,
+                        help="comma list of clip seconds: the steps cycle through these bucket shapes (about the "
+                             "positions of --batch x --seconds each) instead of one static shape")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--modes", default="full,lora", help="comma list of full, lora (full runs first)")
@@ -217,9 +232,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
     for mode in sorted(modes, key=["full", "lora"].index):  # LoRA wraps the model in place: full FT first
         if mode == "lora":
             model = apply_trainable_policy(model, PeftSettings(mode="lora", adapter_fp32=not args.lora_bf16))
-        if args.compile:
-            print(f"{mode}: compiled {compile_layers(model).layers} layers (first steps include the compilation)")
+        compiled = compile_layers(model) if args.compile else None
+        if compiled:
+            print(f"{mode}: compiled {compiled.layers} layers (the warm-up steps include the compilation)")
         results += run_mode(model, mode, kernels, args, device, dtype, peak)
+        if compiled:
+            print(f"{mode}: compiled layers {compiled.metrics()}", flush=True)
     return results
 
 
