@@ -42,6 +42,9 @@ class DataSettings:
     delay_weights: list[float] | None = None  # relative weight of each of delays_ms; null = equally likely
     anchor: Literal["end", "start"] = "end"  # a word's slot counts from its end (released model) or its start
     max_seconds: float = 30.0  # longer utterances are cut at word boundaries (the pre-flight check says how many)
+    # Training items: consecutive utterances of one speaker (manifest key speaker or source) played back to back up
+    # to this many seconds, one prompt and one EOS per stream; null = one utterance per item.
+    stream_seconds: float | None = None
     max_positions_per_batch: int = 768  # micro-batch size in 80 ms positions (padding included), per process
     num_workers: int | None = None  # DataLoader worker processes; null = auto (the cores per process, minus one, <= 4)
     pcm16: bool = True  # quantise audio to 16-bit PCM before the log-mel, as serving (mistral-common, vLLM) does
@@ -191,6 +194,8 @@ def value_problems(s: Settings) -> list[str]:
                                           and all(w >= 0 for w in s.data.delay_weights) and sum(s.data.delay_weights) > 0),
          f"data.delay_weights: one non-negative weight per delay of data.delays_ms, got {s.data.delay_weights}"),
         (s.data.max_seconds > 0, f"data.max_seconds: must be > 0, got {s.data.max_seconds}"),
+        (s.data.stream_seconds is None or s.data.stream_seconds > 0,
+         f"data.stream_seconds: must be > 0 (or null = off), got {s.data.stream_seconds}"),
         (s.data.max_positions_per_batch > 0, f"data.max_positions_per_batch: must be > 0, got {s.data.max_positions_per_batch}"),
         (s.data.num_workers is None or s.data.num_workers >= 0,
          f"data.num_workers: must be >= 0 (or null = auto), got {s.data.num_workers}"),

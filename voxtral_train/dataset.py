@@ -12,6 +12,7 @@ import math
 import os
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -19,7 +20,7 @@ from voxtral_train import protocol
 from voxtral_train.audio import AudioError, load_audio
 from voxtral_train.delays import DelaySampler
 from voxtral_train.features import log_mel, pad_audio, pad_features
-from voxtral_train.manifest import Utterance, segment_utterance, utterance_seconds
+from voxtral_train.manifest import Utterance, Word, segment_utterance, utterance_seconds
 from voxtral_train.protocol import IGNORE_INDEX
 from voxtral_train.targets import Anchor, build_targets
 from voxtral_train.tokenizer import StreamingTokenizer
@@ -33,6 +34,8 @@ class StreamingDataset(Dataset):
 
     Call `set_epoch(e)` each epoch to draw new delays, or index with `(epoch, index)` (`LengthBucketSampler`
     with `tag_epoch=True`): persistent DataLoader workers hold a copy of the dataset that never sees `set_epoch`.
+    With `stream_seconds`, an item is a stream of consecutive utterances of one speaker (`streams`), one prompt and
+    one EOS for all of them instead of one each (49 pad positions per 6 s clip at 480 ms otherwise).
     With `trim_after_eos` (the default) an item ends where its EOS would be: the positions from there on are never
     scored and, the model being causal, change nothing before them, so they are cut after the log-mel is computed
     (the log-mel's centred STFT at the cut reads the same samples as untrimmed) and cost nothing.
@@ -52,6 +55,7 @@ class StreamingDataset(Dataset):
         offset_frames: int = 0,
         pcm16: bool = True,
         trim_after_eos: bool = True,
+        stream_seconds: float | None = None,
     ) -> None:
         if max_seconds is not None:
             utterances = [
@@ -60,6 +64,9 @@ class StreamingDataset(Dataset):
                 for segment in segment_utterance(dataclasses.replace(utt, duration=utterance_seconds(utt)), max_seconds)
             ]
         self.utterances = list(utterances)
+        # Item i is the utterances streams[i], played back to back (one each without stream_seconds).
+        self.streams = [[i] for i in range(len(self.utterances))] if stream_seconds is None else streams(
+            self.utterances, stream_seconds)
         self.tokenizer = tokenizer
         self.delay_sampler = delay_sampler
         self.anchor: Anchor = anchor
@@ -73,11 +80,12 @@ class StreamingDataset(Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.utterances)
+        return len(self.streams)
 
     @functools.cached_property
     def _n_samples(self) -> list[int]:
-        return [math.ceil(utterance_seconds(u) * protocol.SAMPLE_RATE) for u in self.utterances]
+        return [sum(math.ceil(utterance_seconds(self.utterances[u]) * protocol.SAMPLE_RATE) for u in stream)
+                for stream in self.streams]
 
     def lengths_in_positions(self, epoch: int | None = None) -> list[int]:
         """Positions of each item from durations only (no audio decoding), for batching: at the delay each item
@@ -98,15 +106,21 @@ class StreamingDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         """Item `key` at the delay it draws in `self.epoch`, or `key = (epoch, index)` at that epoch's delay."""
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
-        utt = self.utterances[index]
-        if utt.words is None:
-            raise ValueError(f"utterance {utt.id} ({utt.audio}) has no word timings: run data_prep to assign them")
-        try:
-            samples = load_audio(utt.audio, utt.offset, utt.end, pcm16=self.pcm16)
-        except AudioError as err:
-            return {"id": utt.id, "skipped": err.message}
+        parts, words = [], []
+        for utt in (self.utterances[u] for u in self.streams[index]):
+            if utt.words is None:
+                raise ValueError(f"utterance {utt.id} ({utt.audio}) has no word timings: run data_prep to assign them")
+            try:
+                samples = load_audio(utt.audio, utt.offset, utt.end, pcm16=self.pcm16)
+            except AudioError as err:
+                return {"id": utt.id, "skipped": err.message}
+            start = sum(len(p) for p in parts) / protocol.SAMPLE_RATE  # the words at their time in the stream
+            words += [Word(w.word, w.start + start, w.end + start) for w in utt.words]
+            parts.append(samples)
+        samples = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        uid = "+".join(self.utterances[u].id for u in self.streams[index])
         delay = self.delay_sampler.draw(self.seed, epoch, index)
-        targets = build_targets(utt.words, self.tokenizer, len(samples), delay, self.anchor, self.offset_frames)
+        targets = build_targets(words, self.tokenizer, len(samples), delay, self.anchor, self.offset_frames)
         features = log_mel(pad_audio(samples, delay, targets.extra_right_pad))
         n = targets.eos_position if self.trim_after_eos else targets.n_positions  # labels are -100 from EOS on
         return {
@@ -116,8 +130,30 @@ class StreamingDataset(Dataset):
             "num_delay_tokens": torch.tensor(delay, dtype=torch.long),
             "n_positions": torch.tensor(n, dtype=torch.long),
             "audio_seconds": torch.tensor(len(samples) / protocol.SAMPLE_RATE, dtype=torch.float32),
-            "id": utt.id,
+            "id": uid,
         }
+
+
+def stream_key(utt: Utterance) -> str | None:
+    """Who speaks: the row's `speaker`, else its `source` (extra manifest keys); None when unknown."""
+    return utt.extra.get("speaker", utt.extra.get("source"))
+
+
+def streams(utterances: Sequence[Utterance], stream_seconds: float) -> list[list[int]]:
+    """Indices of consecutive utterances packed greedily into streams of at most `stream_seconds` of audio; a stream
+    holds one speaker (`stream_key`; unknown speakers pack with each other). An utterance longer than
+    `stream_seconds` is a stream by itself."""
+    out: list[list[int]] = []
+    seconds, key = 0.0, None
+    for i, utt in enumerate(utterances):
+        length = utterance_seconds(utt)
+        if out and stream_key(utt) == key and seconds + length <= stream_seconds:
+            out[-1].append(i)
+            seconds += length
+        else:
+            out.append([i])
+            seconds, key = length, stream_key(utt)
+    return out
 
 
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:

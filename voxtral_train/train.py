@@ -127,7 +127,7 @@ def _train(settings: Settings, checked: CheckedRun, accelerator: Accelerator, ru
         say(note)
     delays = DelaySampler.choices(data.delays_ms, data.delay_weights)
     train_set = StreamingDataset(checked.train, tokenizer, delays, anchor=data.anchor, max_seconds=data.max_seconds,
-                                 seed=t.seed, pcm16=data.pcm16)
+                                 seed=t.seed, pcm16=data.pcm16, stream_seconds=data.stream_seconds)
     held_out = None if checked.eval is None else StreamingDataset(
         checked.eval, tokenizer, DelaySampler.fixed(data.delays_ms[0]), anchor=data.anchor,
         max_seconds=data.max_seconds, seed=t.seed, pcm16=data.pcm16)  # evaluation uses one delay
