@@ -6,16 +6,18 @@
 
 For each parameter mode (full fine-tuning first, then LoRA on the same weights) and each attention kernel (SDPA;
 flash_attention_2 when `flash_attn` imports) it runs `--warmup` untimed steps, then `--steps` timed steps between
-`torch.cuda.synchronize()` calls. A step = the trainer's own forward + chunked, checkpointed CE
-(`voxtral_train.streaming_lm.StreamingLM`, fused loss unless --checkpointed-loss) on random labels, backward, fused AdamW step. Full FT uses torch AdamW on the bf16 weights
-(bf16 moments, no fp32 master: 8 B/param) so it fits one 80 GB GPU; if the memory planner says the batch does not fit,
-gradient checkpointing is switched on and the line says so.
+`torch.cuda.synchronize()` calls. A step = the trainer's own forward + chunked CE
+(`voxtral_train.streaming_lm.StreamingLM`, the fused loss unless --checkpointed-loss) on random labels, backward,
+fused AdamW step. Full FT uses torch AdamW on the bf16 weights (bf16 moments, no fp32 master: 8 B/param) so it fits
+one 80 GB GPU; if the memory planner says the batch does not fit, gradient checkpointing is switched on and the line
+says so.
 
 MFU = model FLOPs per position (`voxtral_train.flops.step_flops`, no recomputation) x positions/s / peak;
 HFU adds the recomputation of checkpointing (and of the CE chunks with --checkpointed-loss). The peak used is
 printed (H100/H200 SXM dense bf16: 989 TFLOP/s; `--peak-tflops` for anything else). `--shapes 6,12,20,30` cycles
-the steps through bucket shapes, as training does (a static shape flatters compiled layers). Audio-seconds/s counts the clips' own audio (batch x --seconds
-per step), not the stream's pad positions (32 left + delay + 11 right: +13 % at 30 s clips, +67 % at 6 s).
+the steps through bucket shapes, as training does (a static shape flatters compiled layers). Audio-seconds/s counts
+the clips' own audio (batch x --seconds per step), not the stream's pad positions (32 left + delay + 11 right: +13 %
+at 30 s clips, +67 % at 6 s).
 """
 
 from __future__ import annotations
@@ -211,7 +213,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--modes", default="full,lora", help="comma list of full, lora (full runs first)")
     parser.add_argument("--checkpointing", action="store_true", help="force gradient checkpointing")
     parser.add_argument("--lora-bf16", action="store_true", help="LoRA weights in bf16 (peft.adapter_fp32=false)")
-    parser.add_argument("--compile", action="store_true", help="regional torch.compile of every layer (compiled.compile_layers)")
+    parser.add_argument("--compile", action="store_true", help="regional torch.compile of every layer (compile_layers)")
     parser.add_argument("--checkpointed-loss", action="store_true",
                         help="loss chunks under checkpointing (recompute the lm_head) instead of the fused chunk step")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense FLOP/s of the device, in TFLOP/s")

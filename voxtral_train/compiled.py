@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ class CompileStats:
     graphs: int = 0
     layer_calls: int = 0
     eager_calls: int = 0
-    _graph_ran: bool = False
+    _graph_ran: bool = field(default=False, repr=False)  # set by a compiled graph while a layer call runs
 
     @property
     def compiled_fraction(self) -> float:
