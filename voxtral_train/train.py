@@ -62,6 +62,7 @@ from voxtral_train.run_log import MetricsLogger, first_row
 from voxtral_train.schedule import build_optimizer, build_scheduler, restart_schedule
 from voxtral_train.stop_signals import StopRequest, launched_by_a_launcher
 from voxtral_train.streaming_lm import StreamingLM
+from voxtral_train.tokenizer import StreamingTokenizer
 from voxtral_train.trainable import apply_trainable_policy, enable_gradient_checkpointing, parameter_table
 
 
@@ -125,31 +126,9 @@ def _train(settings: Settings, checked: CheckedRun, accelerator: Accelerator, ru
     # 3. Data: bucketed micro-batches sharded by rank (the DataLoader stays on CPU), a fixed held-out list --------
     for note in checked.notes:
         say(note)
-    delays = DelaySampler.choices(data.delays_ms, data.delay_weights)
-    train_set = StreamingDataset(checked.train, tokenizer, delays, anchor=data.anchor, max_seconds=data.max_seconds,
-                                 seed=t.seed, pcm16=data.pcm16, stream_seconds=data.stream_seconds)
-    held_out = None if checked.eval is None else StreamingDataset(
-        checked.eval, tokenizer, DelaySampler.fixed(data.delays_ms[0]), anchor=data.anchor,
-        max_seconds=data.max_seconds, seed=t.seed, pcm16=data.pcm16)  # evaluation uses one delay
-    # Lengths per epoch (each item's delay is redrawn every epoch), so buckets hold items of the same real length.
-    sampler = LengthBucketSampler(train_set.lengths_in_positions, data.max_positions_per_batch, seed=t.seed,
-                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index,
-                                  tag_epoch=True)
-    # Its own generator: each new DataLoader iterator draws a seed, which must not move the global RNG (dropout),
-    # or a resumed run (a new iterator mid-epoch) would diverge from an unbroken one.
-    workers = auto_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if data.num_workers is None \
-        else data.num_workers
-    # Persistent workers: the sampler tags each index with its epoch (tag_epoch), so they need no set_epoch.
-    # Pinned batches let model_inputs copy to the GPU without blocking.
-    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                        generator=torch.Generator().manual_seed(t.seed), pin_memory=torch.cuda.is_available(),
-                        persistent_workers=workers > 0)
-    audio_cache = None
-    if data.audio_embedding_cache:  # refuses by itself when the encoder or adapter trains
-        cache_dir = data.audio_embedding_cache_dir or str(Path(t.output_root) / "audio_embedding_cache")
-        audio_cache = AudioEmbeddingCache(cache_dir, model, delays.max_tokens)
-    say(f"data: {len(train_set)} training items, {len(sampler)} micro-batches per epoch per process, "
-        f"{len(held_out) if held_out else 0} held-out items")
+    feed = build_data(settings, checked, tokenizer, model, accelerator)
+    say(f"data: {len(feed.train_set)} training items, {len(feed.sampler)} micro-batches per epoch per process, "
+        f"{len(feed.held_out) if feed.held_out else 0} held-out items")
 
     # 4. Optimizer, schedule, distribution (accelerate wraps DDP or the DeepSpeed engine) -------------------------
     optimizer = build_optimizer(settings.optim, model)
@@ -166,21 +145,13 @@ def _train(settings: Settings, checked: CheckedRun, accelerator: Accelerator, ru
                          gradient_accumulation_steps=t.gradient_accumulation_steps,
                          max_positions_per_batch=data.max_positions_per_batch, train_manifest=data.train_manifest)
     if resume_from is not None:
-        saved = TrainerState.read(resume_from)
-        accelerator.load_state(str(resume_from))
-        state.step, state.epoch, state.batches_in_epoch = saved.step, saved.epoch, saved.batches_in_epoch
-        state.audio_seconds_seen, state.last_loss = saved.audio_seconds_seen, saved.last_loss
-        state.nonfinite_events, state.lr_scale = saved.nonfinite_events, saved.lr_scale
-        restart_schedule(optimizer, scheduler, settings.optim, state.step, state.lr_scale)  # this run's lr wins
-        say(f"resumed from {resume_from}: step {state.step}, epoch {state.epoch}, batch {state.batches_in_epoch}")
-        if note := lr_note(saved_config, settings_to_dict(settings), state.step, state.lr_scale):
-            say(note)
+        restore(resume_from, accelerator, state, optimizer, scheduler, settings, saved_config)
     logger = MetricsLogger(run_dir, settings.logging, settings_to_dict(settings), t.name, is_main,
                            resume_step=None if resume_from is None else state.step)
-    evaluator = RunEvaluator(accelerator, wrapped, tokenizer, settings, held_out, logger.log)
+    evaluator = RunEvaluator(accelerator, wrapped, tokenizer, settings, feed.held_out, logger.log)
 
     # 6. The loop: one optimizer step per window of `gradient_accumulation_steps` micro-batches -------------------
-    batches = micro_batches(loader, sampler, state.epoch, state.batches_in_epoch)
+    batches = micro_batches(feed.loader, feed.sampler, state.epoch, state.batches_in_epoch)
     progress = tqdm(total=t.max_steps, initial=state.step, disable=not (is_main and settings.logging.progress_bar),
                     desc="train", unit="step", dynamic_ncols=True)
     losses: dict[int, float] = {}  # step -> training loss of the steps this process ran (a rollback drops some)
@@ -193,21 +164,15 @@ def _train(settings: Settings, checked: CheckedRun, accelerator: Accelerator, ru
         skipped_items += report_skipped(accelerator, [item for _, _, b in window for item in b["skipped"]])
         # 6a. Forward + backward of the window; a non-finite loss on any rank stops before it reaches the weights.
         totals = forward_backward(accelerator, wrapped, [b for _, _, b in window], settings,
-                                  tokenizer.ids.streaming_pad, audio_cache)
+                                  tokenizer.ids.streaming_pad, feed.audio_cache)
         state.epoch, state.batches_in_epoch = window[-1][0], window[-1][1]  # past this window, even if skipped
-        if totals is None:
-            failed, good = state.step + 1, last_good_checkpoint(ckpt_root, state.step + 1)
-            stopped = nonfinite_stop(failed, good, state.nonfinite_events, t)
+        if totals is None:  # stop, or roll back to the last good checkpoint and skip this window
+            stopped = recover_from_nonfinite(accelerator, state, optimizer, scheduler, settings, ckpt_root, logger)
             if stopped:
                 break
-            roll_back(accelerator, good, state, optimizer, scheduler, settings, ckpt_root)
-            logger.rewind(state.step)
             losses = {step: loss for step, loss in losses.items() if step <= state.step}
             progress.reset(total=t.max_steps)
             progress.update(state.step)
-            say(f"\nnon-finite loss at step {failed}: rolled back to {good}, skipped that batch, lr now x"
-                f"{state.lr_scale:g} of the schedule (event {state.nonfinite_events} of at most "
-                f"{t.max_nonfinite_events}, train.max_nonfinite_events)")
             continue
         # 6b. Clip, step, schedule (under DeepSpeed the engine clips and steps inside accelerator.backward).
         if not accelerator.sync_gradients:
@@ -254,16 +219,7 @@ def _train(settings: Settings, checked: CheckedRun, accelerator: Accelerator, ru
     elif stopped:
         say(f"STOPPED: {stopped}")
     else:
-        checksums = rank_checksums(accelerator, wrapped, settings.deepspeed.zero_stage)
-        logger.log(state.step, {"world_size": accelerator.num_processes, "parameter_checksums": checksums},
-                   split="ranks")
-        if len(set(checksums)) > 1:
-            raise TrainingStopped(f"the {len(checksums)} processes ended with different weights (checksums "
-                                  f"{checksums}): the launch did not synchronise them")
-        last = save(writer, ckpt_root, state, logger)
-        final = writer.final_weights()
-        say(f"trained {state.step} steps; checkpoint {last}; weights for export {final}")
-        final_wer = evaluator.final(state.step, run_dir)
+        final_wer = complete_run(writer, evaluator, logger, state, ckpt_root)
     if is_main:
         first = first_row(logger.path, "train")  # the run's first step, also after a resume
         write_run_summary(run_dir, name=t.name, model=settings.model.path, peft_mode=settings.peft.mode,
@@ -275,6 +231,98 @@ def _train(settings: Settings, checked: CheckedRun, accelerator: Accelerator, ru
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return RunResult(run_dir, state.step, list(losses.values()), final_wer, stopped, interrupted is not None)
+
+
+@dataclass
+class TrainData:
+    """What step 3 builds: the datasets, the bucketed batches of this rank, and the optional embedding cache."""
+
+    train_set: StreamingDataset
+    held_out: StreamingDataset | None
+    sampler: LengthBucketSampler
+    loader: DataLoader
+    audio_cache: AudioEmbeddingCache | None
+
+
+def build_data(settings: Settings, checked: CheckedRun, tokenizer: StreamingTokenizer, model: torch.nn.Module,
+               accelerator: Accelerator) -> TrainData:
+    """Datasets over the pre-flight-checked rows, bucketed micro-batches sharded by rank, the embedding cache."""
+    t, data = settings.train, settings.data
+    delays = DelaySampler.choices(data.delays_ms, data.delay_weights)
+    train_set = StreamingDataset(checked.train, tokenizer, delays, anchor=data.anchor, max_seconds=data.max_seconds,
+                                 seed=t.seed, pcm16=data.pcm16, stream_seconds=data.stream_seconds)
+    held_out = None if checked.eval is None else StreamingDataset(
+        checked.eval, tokenizer, DelaySampler.fixed(data.delays_ms[0]), anchor=data.anchor,
+        max_seconds=data.max_seconds, seed=t.seed, pcm16=data.pcm16)  # evaluation uses one delay
+    # Lengths per epoch (each item's delay is redrawn every epoch), so buckets hold items of the same real length.
+    sampler = LengthBucketSampler(train_set.lengths_in_positions, data.max_positions_per_batch, seed=t.seed,
+                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index,
+                                  tag_epoch=True)
+    # Its own generator: each new DataLoader iterator draws a seed, which must not move the global RNG (dropout),
+    # or a resumed run (a new iterator mid-epoch) would diverge from an unbroken one.
+    workers = auto_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if data.num_workers is None \
+        else data.num_workers
+    # Persistent workers: the sampler tags each index with its epoch (tag_epoch), so they need no set_epoch.
+    # Pinned batches let model_inputs copy to the GPU without blocking.
+    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                        generator=torch.Generator().manual_seed(t.seed), pin_memory=torch.cuda.is_available(),
+                        persistent_workers=workers > 0)
+    audio_cache = None
+    if data.audio_embedding_cache:  # refuses by itself when the encoder or adapter trains
+        cache_dir = data.audio_embedding_cache_dir or str(Path(t.output_root) / "audio_embedding_cache")
+        audio_cache = AudioEmbeddingCache(cache_dir, model, delays.max_tokens)
+    return TrainData(train_set, held_out, sampler, loader, audio_cache)
+
+
+def restore(resume_from: Path, accelerator: Accelerator, state: TrainerState, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler, settings: Settings, saved_config: dict | None) -> None:
+    """Step 5 of a resume: weights, optimizer, scheduler and RNG (accelerate), the data position and counters
+    (trainer_state.json); the lr schedule is re-derived at the restored step, so this run's settings win."""
+    say = accelerator.print
+    saved = TrainerState.read(resume_from)
+    accelerator.load_state(str(resume_from))
+    state.step, state.epoch, state.batches_in_epoch = saved.step, saved.epoch, saved.batches_in_epoch
+    state.audio_seconds_seen, state.last_loss = saved.audio_seconds_seen, saved.last_loss
+    state.nonfinite_events, state.lr_scale = saved.nonfinite_events, saved.lr_scale
+    restart_schedule(optimizer, scheduler, settings.optim, state.step, state.lr_scale)  # this run's lr wins
+    say(f"resumed from {resume_from}: step {state.step}, epoch {state.epoch}, batch {state.batches_in_epoch}")
+    if note := lr_note(saved_config, settings_to_dict(settings), state.step, state.lr_scale):
+        say(note)
+
+
+def recover_from_nonfinite(accelerator: Accelerator, state: TrainerState, optimizer: torch.optim.Optimizer,
+                           scheduler: torch.optim.lr_scheduler.LRScheduler, settings: Settings, ckpt_root: Path,
+                           logger: MetricsLogger) -> str | None:
+    """A non-finite loss in the window after `state.step`: why the run stops, or None after rolling back to the last
+    good checkpoint (train.on_nonfinite=rollback), with metrics.jsonl rewound to it."""
+    t = settings.train
+    failed, good = state.step + 1, last_good_checkpoint(ckpt_root, state.step + 1)
+    stopped = nonfinite_stop(failed, good, state.nonfinite_events, t)
+    if stopped:
+        return stopped
+    roll_back(accelerator, good, state, optimizer, scheduler, settings, ckpt_root)
+    logger.rewind(state.step)
+    accelerator.print(f"\nnon-finite loss at step {failed}: rolled back to {good}, skipped that batch, lr now x"
+                      f"{state.lr_scale:g} of the schedule (event {state.nonfinite_events} of at most "
+                      f"{t.max_nonfinite_events}, train.max_nonfinite_events)")
+    return None
+
+
+def complete_run(writer: RunWriter, evaluator: RunEvaluator, logger: MetricsLogger, state: TrainerState,
+                 ckpt_root: Path) -> float | None:
+    """Step 7 of a run that reached train.max_steps: every rank holds the same weights (else the launch did not
+    synchronise them), the final checkpoint, `final/` weights, and the final evaluation's WER."""
+    accelerator, settings = writer.accelerator, writer.settings
+    checksums = rank_checksums(accelerator, writer.wrapped, settings.deepspeed.zero_stage)
+    logger.log(state.step, {"world_size": accelerator.num_processes, "parameter_checksums": checksums},
+               split="ranks")
+    if len(set(checksums)) > 1:
+        raise TrainingStopped(f"the {len(checksums)} processes ended with different weights (checksums "
+                              f"{checksums}): the launch did not synchronise them")
+    last = save(writer, ckpt_root, state, logger)
+    final = writer.final_weights()
+    accelerator.print(f"trained {state.step} steps; checkpoint {last}; weights for export {final}")
+    return evaluator.final(state.step, writer.run_dir)
 
 
 def forward_backward(accelerator: Accelerator, wrapped: torch.nn.Module, window: list[dict], settings: Settings,
