@@ -10,15 +10,15 @@
 #   eager  + checkpointed loss     the step before this issue's changes
 #   eager  + fused loss            item 5 (logit gradient in the loss forward)
 #   compiled (dynamic) + fused     item 2 (compile_layers, dynamic=True): its compiled-layer counters are printed
-#   compiled + fused, --lora-bf16  plus bf16 adapters (peft.adapter_fp32=false)
+#   compiled + fused + window blocks  item 4 (encoder attention by window blocks; matters for the 20 and 30 s shapes)
 # Trimming after EOS (item 3) removes 1-10 positions per clip in the data and is exact; it is not a kernel change,
-# so it is not timed here (random batches). Encoder FlexAttention (item 4) is not implemented yet.
+# so it is not timed here (random batches).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-gpu_check}"
 mkdir -p "$OUT"
 SHAPES="6,12,20,30"
-COMMON=(--modes lora --batch 8 --seconds 30 --shapes "$SHAPES" --warmup 1 --steps 8)  # warm-up: 1 step per shape
+COMMON=(--modes lora --batch 8 --seconds 30 --shapes "$SHAPES" --warmup 1 --steps 8)  # ~1-1.5 min per row  # warm-up: 1 step per shape
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu.txt"
 
@@ -32,7 +32,7 @@ run() {  # label, extra arguments...
 run eager_checkpointed_loss --checkpointed-loss
 run eager_fused_loss
 run compiled_fused_loss --compile
-run compiled_fused_loss_bf16_lora --compile --lora-bf16
+run compiled_fused_loss_window_blocks --compile --window-blocks
 
 # A profile of the compiled step on the same shapes: the top kernels by CUDA time.
 timeout 150 python - "$SHAPES" > "$OUT/profile.txt" 2>&1 <<'EOF' || echo "profile failed (see $OUT/profile.txt)"
@@ -72,7 +72,7 @@ EOF
 {
   echo "| row (\`benchmarks/gpu_check.sh\`, shapes $SHAPES s, bf16 LoRA r16) | positions/s | real audio-s/s | MFU | HFU | peak GiB |"
   echo "|---|---|---|---|---|---|"
-  for label in eager_checkpointed_loss eager_fused_loss compiled_fused_loss compiled_fused_loss_bf16_lora; do
+  for label in eager_checkpointed_loss eager_fused_loss compiled_fused_loss compiled_fused_loss_window_blocks; do
     line=$(grep -E '^lora +sdpa' "$OUT/$label.txt" | head -1 || true)
     if [ -z "$line" ]; then echo "| $label | failed | | | | |"; continue; fi
     echo "$line" | awk -v label="$label" '{

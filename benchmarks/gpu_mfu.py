@@ -37,6 +37,7 @@ from voxtral_train.model import tiny_config, voxtral_mini_4b_config
 from voxtral_train.patches import apply_training_fixes
 from voxtral_train.streaming_lm import StreamingLM, unwrap_peft
 from voxtral_train.trainable import apply_trainable_policy, enable_gradient_checkpointing
+from voxtral_train.window_attention import use_window_blocks
 
 SIZES = {"full": voxtral_mini_4b_config, "small": tiny_config}
 CPU_NOMINAL_TFLOPS = 1.0  # no meaningful CPU peak: MFU on CPU only checks the arithmetic
@@ -157,6 +158,8 @@ def run_mode(model, mode: str, kernels: list[str], args, device: torch.device, d
     results = []
     for kernel in kernels:
         set_attention(model, kernel)
+        if args.window_blocks:  # after set_attention, which sets the encoder's kernel too
+            use_window_blocks(model)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -214,6 +217,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--checkpointing", action="store_true", help="force gradient checkpointing")
     parser.add_argument("--lora-bf16", action="store_true", help="LoRA weights in bf16 (peft.adapter_fp32=false)")
     parser.add_argument("--compile", action="store_true", help="regional torch.compile of every layer (compile_layers)")
+    parser.add_argument("--window-blocks", action="store_true",
+                        help="encoder attention by window blocks (model.encoder_attention=window_blocks)")
     parser.add_argument("--checkpointed-loss", action="store_true",
                         help="loss chunks under checkpointing (recompute the lm_head) instead of the fused chunk step")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense FLOP/s of the device, in TFLOP/s")

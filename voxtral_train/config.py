@@ -32,6 +32,9 @@ class ModelSettings:
     path: str = "tiny"  # "tiny" (random-init demo size) or a local HF-format / Mistral-format folder
     dtype: Dtype = "float32"  # weight dtype at load (mixed precision is train.mixed_precision)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # The audio encoder's attention: "window_blocks" costs at most 2 windows per query block at any clip length
+    # (voxtral_train.window_attention); "same" = attn_implementation (SDPA: a dense mask from 15 s of audio on).
+    encoder_attention: Literal["same", "window_blocks"] = "same"
 
 
 @dataclass

@@ -64,6 +64,7 @@ from voxtral_train.stop_signals import StopRequest, launched_by_a_launcher
 from voxtral_train.streaming_lm import StreamingLM
 from voxtral_train.tokenizer import StreamingTokenizer
 from voxtral_train.trainable import apply_trainable_policy, enable_gradient_checkpointing, parameter_table
+from voxtral_train.window_attention import use_window_blocks
 
 
 class TrainingStopped(RuntimeError):
@@ -117,6 +118,8 @@ def _train(settings: Settings, checked: CheckedRun, accelerator: Accelerator, ru
     # 2. Model, tokenizer, trainable parameters -----------------------------------------------------------------
     model, tokenizer = load_model(settings.model.path, dtype=settings.model.dtype,
                                   attn_implementation=settings.model.attn_implementation, seed=t.seed)
+    if settings.model.encoder_attention == "window_blocks":
+        use_window_blocks(model)
     model = apply_trainable_policy(model, settings.peft)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
