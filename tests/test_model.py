@@ -47,12 +47,12 @@ def test_hf_folder_round_trip(tiny, tmp_path):
 
 
 def test_bf16_dtype(tiny):
-    model, _ = load_model("tiny", dtype="bf16")
+    model, _ = load_model("tiny", dtype="bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
 def test_bad_sources_name_what_is_missing(tmp_path):
-    with pytest.raises(ModelLoadError, match="neither 'tiny' nor an existing folder"):
+    with pytest.raises(ModelLoadError, match="neither 'tiny', 'mini', 'mini-scratch' nor an existing folder"):
         load_model(tmp_path / "nope")
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(ModelLoadError, match="tekken.json"):
