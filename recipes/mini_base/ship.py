@@ -31,7 +31,8 @@ def ship(run_dir: Path, out: Path = MINI_DIR) -> None:
     shutil.copyfile(RECIPE, out / "recipe.yaml")
     for name, target in (("config.yaml", "train_config.yaml"), ("metrics.jsonl", "metrics.jsonl"),
                          ("summary.md", "summary.md"), ("eval/report.md", "eval_report.md")):
-        shutil.copyfile(run_dir / name, out / target)
+        if (run_dir / name).is_file():  # summary and final eval exist once the run's final evaluation is done
+            shutil.copyfile(run_dir / name, out / target)
     for path in out.iterdir():
         path.chmod(0o644)  # package data: readable by every user (safetensors writes 0600)
     size = (out / "model.safetensors").stat().st_size
