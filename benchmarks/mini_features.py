@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -76,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     untimed_dir = out / "data" / "medical_self_aligned"
     rows_untimed = [dataclasses.replace(u, words=None, timing_source=None) for u in read_manifest(domain / "manifest.jsonl")]
     self_align_utterances(rows_untimed, model, tokenizer, protocol.delay_ms_to_tokens(EVAL_DELAY_MS))
-    write_manifest(untimed_dir / "manifest.jsonl", rows_untimed)
-    shutil.copyfile(domain / "manifest_eval.jsonl", untimed_dir / "manifest_eval.jsonl")
     test = read_manifest(domain / "manifest_eval.jsonl")
+    write_manifest(untimed_dir / "manifest.jsonl", rows_untimed)  # audio stays where it is (absolute paths)
+    write_manifest(untimed_dir / "manifest_eval.jsonl", test)
     if args.adaptation:
         true_wer = json.loads(args.adaptation.read_text())["methods"]["lora"]["domain_wer"]
     else:
@@ -109,7 +108,8 @@ def markdown(r: dict[str, Any]) -> str:
              f"times, {100 * u['self_aligned_wer']:.1f} % with self-aligned times ({u['difference_points']:+.1f} pt)",
              "", "| delay | WER | latency p50 | latency p90 |", "|---|---|---|---|"]
     for delay, d in r["latency"].items():
-        lines.append(f"| {delay} ms | {100 * d['wer']:.1f} % | {d['latency_p50_s']:.2f} s | {d['latency_p90_s']:.2f} s |")
+        p50, p90 = (f"{d[k]:.2f} s" if d[k] is not None else "–" for k in ("latency_p50_s", "latency_p90_s"))
+        lines.append(f"| {delay} ms | {100 * d['wer']:.1f} % | {p50} | {p90} |")  # – : no word matched
     return "\n".join(lines) + "\n"
 
 
