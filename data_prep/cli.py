@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 
 from data_prep import sources
 from data_prep.validate import TIMING_MODES, PrepOptions, heuristic_fill, prepare
+from voxtral_train import protocol
 from voxtral_train.manifest import write_manifest
 
 
@@ -61,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
                    "timings this checkpoint would emit (self-alignment, any language)")
     p.add_argument("--ctc-align-model", help="a local character-CTC folder (e.g. a wav2vec2 fine-tuned on the data's "
                    "language): give rows still without word timings its acoustic word spans (optional extra)")
-    p.add_argument("--align-delay-ms", type=int, default=480, help="delay the self-alignment runs the model at")
+    p.add_argument("--align-delay-ms", type=int, default=protocol.DEFAULT_DELAY_MS,
+                   help="delay the self-alignment runs the model at")
     p.add_argument("--tokenizer", help="'tiny' or a tekken.json path: reject text it cannot encode")
     p.add_argument("--language", help="language code for rows that have none")
     p.add_argument("--workers", type=int, default=None, help="audio-check processes (default: all cores)")
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         for u in result.kept:
             u.language = u.language or args.language
     if args.self_align_model:
-        from voxtral_train import load_model, protocol
+        from voxtral_train import load_model
         from voxtral_train.align import self_align_utterances
 
         model, tokenizer = load_model(args.self_align_model)
