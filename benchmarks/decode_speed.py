@@ -4,7 +4,9 @@
     python benchmarks/decode_speed.py --model DIR --device cuda --dtype bfloat16 --manifest data/eval.jsonl
 
 Both decode one clip at a time (batch 1) at one delay; ours also runs batched (--batch-size). "× real time" is
-audio seconds per wall-clock second, features included. `generate` stops one token earlier than ours (it emits
+real audio seconds (the clips, not the stream pads) per wall-clock second, features included. The sides take turns
+for `--rounds` rounds in one process (order flipping per round, `ab.turns`); medians with min-max, threads pinned,
+load printed before and after. `generate` stops one token earlier than ours (it emits
 x_L..x_{P-1}; we also emit x_P, the prediction of the last position that has audio), so agreement is checked on
 its tokens. Prints one markdown row.
 """
@@ -16,6 +18,7 @@ import time
 import warnings
 
 import torch
+from ab import machine_line, pin_threads, spread, turns
 
 from voxtral_train import protocol
 from voxtral_train.audio import load_audio
@@ -24,12 +27,6 @@ from voxtral_train.evaluate import decode_utterances, load_for_eval
 from voxtral_train.features import log_mel, pad_audio
 from voxtral_train.manifest import bundled_manifest_path, read_manifest
 from voxtral_train.targets import prompt_ids
-
-
-def timed(fn) -> tuple[object, float]:
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
 
 
 def main() -> None:
@@ -41,9 +38,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds; the sides take turns in each")
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
+    print(machine_line())
     warnings.filterwarnings("ignore", message=".*max_length.*")  # generate's length is the audio's, on purpose
     model, tokenizer = load_for_eval(args.model, None, args.dtype, args.device)
     utterances = read_manifest(args.manifest)
@@ -74,17 +73,30 @@ def main() -> None:
             out.append(generated[0, prompt.shape[1]:].tolist())
         return out
 
-    ours, ours_s = timed(ours_one_by_one)
-    theirs, theirs_s = timed(transformers_generate)
-    (_, _, batched_s) = decode_utterances(model, tokenizer, utterances, delay, args.batch_size, progress=False)
+    def batched() -> None:
+        decode_utterances(model, tokenizer, utterances, delay, args.batch_size, progress=False)
+
+    sides = {"ours": ours_one_by_one, "generate": transformers_generate, "batched": batched}
+    seconds_of: dict[str, list[float]] = {name: [] for name in sides}
+    tokens: dict[str, object] = {}
+    for r in range(args.rounds):
+        for name in turns(list(sides), r):
+            start = time.perf_counter()
+            tokens[name] = sides[name]()
+            seconds_of[name].append(time.perf_counter() - start)
+    ours, theirs = tokens["ours"], tokens["generate"]
+    speedups = [t / o for t, o in zip(seconds_of["generate"], seconds_of["ours"])]  # per round: same load
+    print(machine_line())
     agree = sum(o[: len(t)] == t for o, t in zip(ours, theirs))
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} thread(s)"
     print("| model | device | clips | audio s | delay ms | ours ×RT (batch 1) | generate ×RT (batch 1) | "
           "speed-up | ours ×RT (batch {}) | same tokens |".format(args.batch_size))
     print("|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {args.model} | {device} | {len(audio)} | {seconds:.1f} | {args.delay} | {seconds / ours_s:.1f} | "
-          f"{seconds / theirs_s:.1f} | {theirs_s / ours_s:.2f}× | {seconds / batched_s:.1f} | {agree}/{len(audio)} |")
+    def real_time(name: str) -> str:
+        return spread([seconds / t for t in seconds_of[name]], ".1f")
 
+    print(f"| {args.model} | {device} | {len(audio)} | {seconds:.1f} | {args.delay} | {real_time('ours')} | "
+          f"{real_time('generate')} | {spread(speedups)}× | {real_time('batched')} | {agree}/{len(audio)} |")
 
 if __name__ == "__main__":
     main()

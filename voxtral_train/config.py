@@ -66,7 +66,7 @@ class PeftSettings:
     unfreeze_encoder: bool = False  # train the causal audio encoder fully (LoRA modes)
     unfreeze_adapter: bool = False  # train the audio->text projector fully (LoRA modes)
     adapter_fp32: bool = True  # LoRA weights in fp32 (PEFT's default); false keeps them in the model dtype (bf16):
-    # no per-layer casts, +30 % LoRA throughput on an H100 (benchmarks/RESULTS.md), bf16 optimizer precision
+    # no per-layer casts (faster on a GPU: benchmarks/gpu_check.sh measures it), bf16 optimizer precision
 
 
 @dataclass
@@ -93,7 +93,7 @@ class TrainSettings:
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = no clipping
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
-    compile: bool = False  # regional torch.compile of every layer (~30 s once; 1.75x LoRA throughput on an H100)
+    compile: bool = False  # regional torch.compile of every layer (~30 s once; fuses the elementwise kernels)
     pad_loss_weight: float = 0.5  # weight of [STREAMING_PAD] targets (docs/TINY_MODELS.md: 0.5)
     text_loss_weight: float = 1.0  # weight of word / [STREAMING_WORD] / EOS targets
     z_loss: float = 0.0  # weight of log(Z)^2, keeps logits from drifting
