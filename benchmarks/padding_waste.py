@@ -1,6 +1,6 @@
 """How much of each batch is padding: length-bucketed batches vs random batches under the same position budget.
 
-    python benchmarks/padding_waste.py [--budget 1024] [--synthetic-budget 16384] [--delays-ms 0 2400]
+    python benchmarks/padding_waste.py [--budget 1024] [--synthetic-budget 16384] [--delays-ms 80 2400]
 
 Measured on the bundled speech set (lengths from the manifest durations) and on a synthetic set of 20 000 utterances
 with log-normal durations (median 6 s, 1-30 s), like a read-speech corpus. Each item draws its delay per epoch
@@ -53,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=int, default=1024, help="bundled set: max padded positions per batch")
     parser.add_argument("--synthetic-budget", type=int, default=16384, help="synthetic set: max padded positions")
-    parser.add_argument("--delays-ms", type=int, nargs=2, default=[0, 2400], metavar=("MIN", "MAX"))
+    parser.add_argument("--delays-ms", type=int, nargs=2, default=[80, 2400], metavar=("MIN", "MAX"))
     args = parser.parse_args()
     delays = DelaySampler.uniform(*args.delays_ms)
 
