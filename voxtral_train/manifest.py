@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator
 from voxtral_train.audio import audio_duration
 
 TIMING_SOURCES = ("manifest", "self_align", "ctc_align", "heuristic", "espeak")
-_ASSETS = Path(__file__).resolve().parent / "assets" / "speech"
+_ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 @dataclass(frozen=True)
@@ -174,12 +174,23 @@ def write_manifest(path: str | os.PathLike, rows: Iterable[Utterance]) -> None:
     tmp.replace(path)
 
 
+# The bundled sets, by the name `bundled:<name>` gives them: (folder under assets/, manifest file).
+BUNDLED_SETS = {
+    "train": ("speech", "manifest.jsonl"),  # 56 short sentences, 6 voices: what the tiny demo memorises
+    "eval": ("speech", "manifest_eval.jsonl"),  # 8 sentences recombining the training words
+    "medical_train": ("medical", "manifest.jsonl"),  # the default run's domain: voxtral-prep synth --domain medical
+    "medical_eval": ("medical", "manifest_eval.jsonl"),  # held-out sentences of that domain (no training text)
+}
+
+
 def bundled_manifest_path(split: str = "train") -> Path:
-    """The bundled espeak-ng speech set: `train` (manifest.jsonl) or `eval` (manifest_eval.jsonl)."""
-    names = {"train": "manifest.jsonl", "eval": "manifest_eval.jsonl"}
-    if split not in names:
-        raise ValueError(f"split must be one of {sorted(names)}, got {split!r}")
-    return _ASSETS / names[split]
+    """A bundled espeak-ng speech set (BUNDLED_SETS): `train` / `eval`, the short-sentence set of the tiny demo, or
+    `medical_train` / `medical_eval`, the domain the default run adapts the mini base to
+    (data_prep/make_bundled_set.py builds both)."""
+    if split not in BUNDLED_SETS:
+        raise ValueError(f"bundled set must be one of {sorted(BUNDLED_SETS)}, got {split!r}")
+    folder, name = BUNDLED_SETS[split]
+    return _ASSETS / folder / name
 
 
 # --------------------------------------------------------------------------------------------------------------
