@@ -28,7 +28,7 @@ from voxtral_train.train import train
 
 pytestmark = pytest.mark.slow
 
-FAST = ["train.warmup_steps=2", "logging.progress_bar=false", "logging.tensorboard=false", "train.log_every=1",
+FAST = ["+experiment=tiny_demo", "train.warmup_steps=2", "logging.progress_bar=false", "logging.tensorboard=false", "train.log_every=1",
         "data.max_positions_per_batch=300", "train.eval_every=0", "data.final_eval_split=none"]
 RUN = [*FAST, "train.max_steps=6", "train.save_every=2", "optim.lr=3e-3"]  # the run every fault is compared with
 TOLERANCE = 1e-6

@@ -1,4 +1,5 @@
-"""A real learning check: the default demo (tiny model, bundled speech, 250 steps) transcribes its training set.
+"""A real learning check: the tiny demo (`+experiment=tiny_demo`: tiny model, bundled sentences, 250 steps)
+transcribes its training set.
 
 Thresholds (docs/TINY_MODELS.md, three seeds of this model size): before training the decode is garbage or nothing
 (WER > 100 %); after 200-225 steps the training-set WER is < 20 %. We require untrained > 90 % and trained < 50 %:
@@ -24,7 +25,7 @@ def test_demo_learns_its_training_sentences(tmp_path):
 
     AcceleratorState._reset_state(True)
     try:
-        result = train(compose_settings([f"train.output_root={tmp_path}", "logging.progress_bar=false",
+        result = train(compose_settings(["+experiment=tiny_demo", f"train.output_root={tmp_path}", "logging.progress_bar=false",
                                          "logging.tensorboard=false", "train.eval_every=0", "train.save_every=0"]))
     finally:
         AcceleratorState._reset_state(True)

@@ -214,7 +214,7 @@ def test_a_run_whose_files_break_mid_run_skips_logs_and_counts_them(tmp_path, mo
 
     monkeypatch.setattr(dataset_module, "load_audio", flaky)
     result = train(compose_settings([
-        f"train.output_root={tmp_path}", "train.name=flaky", "train.max_steps=3", "train.warmup_steps=1",
+        "+experiment=tiny_demo", f"train.output_root={tmp_path}", "train.name=flaky", "train.max_steps=3", "train.warmup_steps=1",
         "train.log_every=1", "train.eval_every=0", "train.save_every=0", "data.final_eval_split=none",
         "data.max_positions_per_batch=300", "data.num_workers=0", "logging.progress_bar=false",
         "logging.tensorboard=false"]))

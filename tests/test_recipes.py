@@ -17,12 +17,14 @@ INTENT = {
     # from scratch, every parameter, the card's whole delay range, the released model's word-end anchor
     "mini_base": lambda s: s.peft.mode == "full" and (min(s.data.delays_ms), max(s.data.delays_ms)) == (240, 2400)
     and s.data.anchor == "end",
+    # random init, every parameter, judged on the sentences it trained on (a tiny model memorises)
+    "tiny_demo": lambda s: s.peft.mode == "full" and s.data.final_eval_split == "train",
     # LoRA that keeps serving every delay, judged on held-out domain sentences
     "domain_adaptation": lambda s: s.peft.mode == "lora" and (min(s.data.delays_ms), max(s.data.delays_ms)) == (240, 2400)
     and s.data.final_eval_split == "eval",
 }
 # The tiny-scale stand-ins: the embedded model and data, CPU precision, one process.
-TINY = ["model=tiny", "data=bundled", "deepspeed=none", "train.mixed_precision=no", "train.max_steps=2",
+TINY = ["model=tiny", "data=sentences", "deepspeed=none", "train.mixed_precision=no", "train.max_steps=2",
         "train.warmup_steps=1", "train.eval_every=0", "train.save_every=0", "data.final_eval_split=none",
         "data.max_positions_per_batch=400", "logging.progress_bar=false", "logging.tensorboard=false"]
 

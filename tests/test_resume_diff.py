@@ -16,7 +16,7 @@ def _config(**changes):
 def test_each_change_gets_its_outcome():
     saved = _config()
     now = _config(optim={"lr": 5e-4}, train={"max_steps": 500, "eval_every": 10, "resume": "latest"},
-                  peft={"mode": "lora"})
+                  peft={"mode": "full"})
     diff = resume_diff(saved, now, saved_world_size=2, world_size=4)
     assert [(key, outcome) for key, _, _, outcome in diff.rows] == [
         ("optim.lr", SCHEDULE), ("peft.mode", INEXACT), ("train.eval_every", APPLIES), ("train.max_steps", SCHEDULE),
@@ -24,7 +24,7 @@ def test_each_change_gets_its_outcome():
     assert diff.inexact == ["peft.mode", "world_size"] and diff.schedule_changed
     lines = diff.table().splitlines()
     assert lines[0].split() == ["setting", "checkpoint", "now", "outcome"] and set(lines[1]) == {"-", " "}
-    assert lines[2].split()[:3] == ["optim.lr", "0.001", "0.0005"]
+    assert lines[2].split()[:3] == ["optim.lr", "0.002", "0.0005"]
     assert resume_diff(saved, _config(train={"resume": "latest"}), 1, 1).rows == []
 
 

@@ -13,7 +13,7 @@ from voxtral_train.config import compose_settings
 from voxtral_train.train import train
 
 # A few steps, small batches, no tensorboard: the shape of a run, not its quality.
-FAST = ["train.warmup_steps=2", "logging.progress_bar=false", "logging.tensorboard=false", "train.log_every=1",
+FAST = ["+experiment=tiny_demo", "train.warmup_steps=2", "logging.progress_bar=false", "logging.tensorboard=false", "train.log_every=1",
         "data.max_positions_per_batch=300", "train.eval_every=0", "data.final_eval_split=none", "train.save_every=2"]
 
 
@@ -43,7 +43,8 @@ def test_run_folder_loss_falls_and_periodic_eval(tmp_path):
     assert [row["step"] for row in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
     assert [row["loss"] for row in metrics(run_dir)] == pytest.approx(result.losses)
     evals = metrics(run_dir, "eval")
-    assert [row["step"] for row in evals] == [3] and 0 <= evals[0]["wer"] and evals[0]["loss"] > 0
+    assert [row["step"] for row in evals] == [0, 3] and evals[1]["loss"] < evals[0]["loss"]  # step 0: before training
+    assert all(0 <= row["wer"] and row["loss"] > 0 for row in evals)
     assert metrics(run_dir, "ranks")[0]["world_size"] == 1
     # Checkpoints: the last two, each self-describing.
     assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == ["step_000004", "step_000006"]

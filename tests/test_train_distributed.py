@@ -22,7 +22,7 @@ from voxtral_train.config import compose_settings
 from voxtral_train.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMON = ["train.max_steps=3", "train.warmup_steps=1", "optim.lr=3e-3", "data.max_positions_per_batch=300",
+COMMON = ["+experiment=tiny_demo", "train.max_steps=3", "train.warmup_steps=1", "optim.lr=3e-3", "data.max_positions_per_batch=300",
           "train.eval_every=0", "data.final_eval_split=none", "train.save_every=0", "train.log_every=1",
           "logging.tensorboard=false", "logging.progress_bar=false"]
 TOLERANCE = 1e-4

@@ -29,7 +29,9 @@ Dtype = Literal["float32", "bfloat16", "float16"]  # weight dtypes, by torch's n
 
 @dataclass
 class ModelSettings:
-    path: str = "tiny"  # "tiny" (random-init demo size) or a local HF-format / Mistral-format folder
+    # "mini" (the embedded pretrained mini base), "tiny" / "mini-scratch" (random-init), or a local HF-format /
+    # Mistral-format folder
+    path: str = "mini"
     dtype: Dtype = "float32"  # weight dtype at load (mixed precision is train.mixed_precision)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     # The audio encoder's attention: "window_blocks" costs at most 2 windows per query block at any clip length
@@ -39,8 +41,10 @@ class ModelSettings:
 
 @dataclass
 class DataSettings:
-    train_manifest: str = "bundled:train"  # JSONL manifest path, or bundled:train / bundled:eval (espeak-ng set)
-    eval_manifest: str | None = "bundled:eval"  # held-out manifest for periodic eval; null = none
+    # JSONL manifest path, or a bundled espeak-ng set: bundled:medical_train / bundled:medical_eval (the domain the
+    # default run adapts the mini base to), bundled:train / bundled:eval (the tiny demo's short sentences)
+    train_manifest: str = "bundled:medical_train"
+    eval_manifest: str | None = "bundled:medical_eval"  # held-out manifest for periodic eval; null = none
     delays_ms: list[int] = field(default_factory=lambda: [protocol.DEFAULT_DELAY_MS])  # sampled per utterance (80 ms grid)
     delay_weights: list[float] | None = None  # relative weight of each of delays_ms; null = equally likely
     anchor: Literal["end", "start"] = "end"  # a word's slot counts from its end (released model) or its start
@@ -48,12 +52,13 @@ class DataSettings:
     # Training items: consecutive utterances of one speaker (manifest key speaker or source) played back to back up
     # to this many seconds, one prompt and one EOS per stream; null = one utterance per item.
     stream_seconds: float | None = None
-    max_positions_per_batch: int = 768  # micro-batch size in 80 ms positions (padding included), per process
+    max_positions_per_batch: int = 1000  # micro-batch size in 80 ms positions (padding included), per process
     num_workers: int | None = None  # DataLoader worker processes; null = auto (the cores per process, minus one, <= 4)
     pcm16: bool = True  # quantise audio to 16-bit PCM before the log-mel, as serving (mistral-common, vLLM) does
     audio_embedding_cache: bool = False  # plain LoRA only: run the frozen encoder once per clip, reuse it every epoch
     audio_embedding_cache_dir: str | None = None  # null = <train.output_root>/audio_embedding_cache (shared by runs)
-    final_eval_split: Literal["train", "eval", "none"] = "train"  # decoded at the end: train = memorisation check
+    # decoded at the end: eval = held-out WER (generalisation), train = memorisation check (the tiny demo)
+    final_eval_split: Literal["train", "eval", "none"] = "eval"
 
 
 @dataclass
@@ -74,7 +79,7 @@ class OptimSettings:
     """torch.optim.AdamW over the trainable parameters (the only optimizer the loop, the memory planner and the
     checkpoints are tested with)."""
 
-    lr: float = 1e-3
+    lr: float = 2e-3  # the mini base's LoRA demo; the 4B recipes use 1e-4 (LoRA) and 1e-5 (full)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.0  # applied to matrices (>= 2-D) only, never to norms or biases
@@ -82,12 +87,12 @@ class OptimSettings:
 
 @dataclass
 class TrainSettings:
-    name: str = "tiny_demo"  # run folder: <output_root>/<name>
+    name: str = "mini_medical"  # run folder: <output_root>/<name>
     output_root: str = "runs"
     seed: int = 0
-    max_steps: int = 250  # optimizer steps
+    max_steps: int = 150  # optimizer steps
     gradient_accumulation_steps: int = 1
-    warmup_steps: int = 100
+    warmup_steps: int = 20
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # shape after warmup
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine / linear)
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = no clipping
@@ -98,9 +103,9 @@ class TrainSettings:
     text_loss_weight: float = 1.0  # weight of word / [STREAMING_WORD] / EOS targets
     z_loss: float = 0.0  # weight of log(Z)^2, keeps logits from drifting
     loss_chunk_positions: int = 1024  # scored positions per lm_head chunk: bounds the [n, vocab] fp32 logits
-    log_every: int = 5
+    log_every: int = 10
     eval_every: int = 50  # periodic eval (teacher-forced loss + a short WER); 0 = off
-    eval_wer_clips: int = 4  # clips decoded for the periodic WER
+    eval_wer_clips: int = 16  # clips decoded for the periodic WER
     save_every: int = 50  # checkpoint every N optimizer steps (and at the end); 0 = only at the end
     keep_last: int = 2  # complete checkpoints kept
     resume: str | None = None  # null, latest (newest checkpoint that verifies), or a checkpoint folder
@@ -143,8 +148,7 @@ class PlanOptions:
 @dataclass
 class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
-    # The default run trains the tiny random-initialised model from scratch, so every parameter trains.
-    peft: PeftSettings = field(default_factory=lambda: PeftSettings(mode="full", dropout=0.0))
+    peft: PeftSettings = field(default_factory=PeftSettings)
     data: DataSettings = field(default_factory=DataSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     train: TrainSettings = field(default_factory=TrainSettings)

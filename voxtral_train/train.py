@@ -157,6 +157,8 @@ def _train(settings: Settings, checked: CheckedRun, accelerator: Accelerator, ru
     batches = micro_batches(feed.loader, feed.sampler, state.epoch, state.batches_in_epoch)
     progress = tqdm(total=t.max_steps, initial=state.step, disable=not (is_main and settings.logging.progress_bar),
                     desc="train", unit="step", dynamic_ncols=True)
+    if t.eval_every and state.step == 0:
+        evaluator.periodic(0)  # the starting point: a pretrained base's held-out WER before adaptation
     losses: dict[int, float] = {}  # step -> training loss of the steps this process ran (a rollback drops some)
     stopped: str | None = None
     skipped_items = 0  # items whose audio stopped reading during the run, all ranks
