@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from voxtral_train import protocol
 from voxtral_train.audio import load_audio
-from voxtral_train.batching import LengthBucketSampler, padding_fraction
+from voxtral_train.batching import LengthBucketSampler, pack, pack_sorted, padding_fraction
 from voxtral_train.dataset import StreamingDataset, collate
 from voxtral_train.delays import DelaySampler
 from voxtral_train.features import log_mel, pad_audio
@@ -145,7 +145,7 @@ def test_item_is_targets_plus_features(clips):
     assert item["audio_seconds"].item() == pytest.approx(1.3)
     untrimmed = StreamingDataset(clips, TOK, DelaySampler.fixed(480), trim_after_eos=False)
     assert untrimmed[0]["input_ids"].tolist() == targets.input_ids
-    assert dataset.lengths_in_positions() == [untrimmed[0]["n_positions"].item(), untrimmed[1]["n_positions"].item()]
+    assert dataset.lengths_in_positions().tolist() == [untrimmed[0]["n_positions"].item(), untrimmed[1]["n_positions"].item()]
 
 
 def test_lengths_per_epoch_follow_the_drawn_delays(clips):
@@ -154,9 +154,9 @@ def test_lengths_per_epoch_follow_the_drawn_delays(clips):
     for epoch in (0, 1):
         dataset.set_epoch(epoch)
         drawn = dataset.lengths_in_positions(epoch)
-        assert drawn == [dataset[i]["n_positions"].item() for i in range(len(dataset))]
+        assert drawn.tolist() == [dataset[i]["n_positions"].item() for i in range(len(dataset))]
         assert all(d <= m for d, m in zip(drawn, at_max))
-    assert dataset.lengths_in_positions(0) != dataset.lengths_in_positions(1)
+    assert dataset.lengths_in_positions(0).tolist() != dataset.lengths_in_positions(1).tolist()
 
 
 def test_item_reads_its_segment_and_draws_its_delay(clips):
@@ -248,6 +248,27 @@ def test_bucketing_wastes_less_than_random_batches():
     bucketed = padding_fraction(LengthBucketSampler(LENGTHS, 4000, seed=0).epoch_batches(0), LENGTHS)
     random = padding_fraction(LengthBucketSampler(LENGTHS, 4000, seed=0, bucketing=False).epoch_batches(0), LENGTHS)
     assert bucketed < 0.05 < random
+
+
+def test_packing_sorted_lengths_per_batch_equals_packing_per_item():
+    rng = np.random.default_rng(0)
+    for budget in (400, 2000, 8000):
+        for _ in range(30):
+            lengths = np.sort(rng.integers(40, 400, size=int(rng.integers(1, 600))))
+            assert pack_sorted(lengths, budget).tolist() == pack(lengths, budget).tolist()
+    assert pack_sorted(np.array([400, 400, 400]), 400).tolist() == [1, 1, 1]
+
+
+def test_the_plan_is_the_greedy_packing_of_the_sorted_shuffle_in_shuffled_order():
+    lengths = np.asarray(LENGTHS)
+    for seed, epoch in ((0, 0), (3, 2)):
+        rng = np.random.default_rng([seed, epoch])  # what the sampler draws, in its order
+        order = rng.permutation(len(lengths))
+        order = order[np.argsort(lengths[order], kind="stable")]
+        ends = np.cumsum(pack(lengths[order], 2000))
+        batches = [order[end - size: end].tolist() for end, size in zip(ends, pack(lengths[order], 2000))]
+        expected = [batches[i] for i in rng.permutation(len(batches))]
+        assert LengthBucketSampler(LENGTHS, 2000, seed=seed).epoch_batches(epoch) == expected
 
 
 def test_padding_fraction_by_hand():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 from typing import Any, Sequence
 
@@ -21,6 +20,7 @@ from voxtral_train.audio import AudioError, load_audio
 from voxtral_train.delays import DelaySampler
 from voxtral_train.features import log_mel, pad_audio, pad_features
 from voxtral_train.manifest import Utterance, Word, segment_utterance, utterance_seconds
+from voxtral_train.manifest_index import ManifestIndex, RowSequence
 from voxtral_train.protocol import IGNORE_INDEX
 from voxtral_train.targets import Anchor, build_targets
 from voxtral_train.tokenizer import StreamingTokenizer
@@ -42,6 +42,8 @@ class StreamingDataset(Dataset):
     Audio is quantised to 16-bit PCM as serving does, unless `pcm16` is false. An item whose audio no longer reads
     (the file changed after the pre-flight check) comes back as `{"id", "skipped": why}`: `collate` leaves it out
     and the trainer logs and counts it.
+    `utterances` is any sequence of rows, and is not copied: the trainer passes the pre-flight's `ManifestIndex`,
+    so a row is parsed when its item is made and lengths come from numpy arrays (8 bytes per item and epoch).
     """
 
     def __init__(
@@ -57,16 +59,14 @@ class StreamingDataset(Dataset):
         trim_after_eos: bool = True,
         stream_seconds: float | None = None,
     ) -> None:
+        self._seconds: np.ndarray | None = None  # per utterance, once known
         if max_seconds is not None:
-            utterances = [
-                segment
-                for utt in utterances
-                for segment in segment_utterance(dataclasses.replace(utt, duration=utterance_seconds(utt)), max_seconds)
-            ]
-        self.utterances = list(utterances)
-        # Item i is the utterances streams[i], played back to back (one each without stream_seconds).
-        self.streams = [[i] for i in range(len(self.utterances))] if stream_seconds is None else streams(
-            self.utterances, stream_seconds)
+            utterances = SegmentedRows(utterances, row_seconds(utterances), max_seconds)
+            self._seconds = utterances.seconds
+        self.utterances = utterances  # not copied: a ManifestIndex stays a few numbers per row
+        # Item i is the utterances bounds[i] .. bounds[i + 1] - 1, played back to back (one each without streams).
+        self._bounds = None if stream_seconds is None else np.cumsum(
+            [0] + [len(stream) for stream in streams(self.utterances, stream_seconds)])
         self.tokenizer = tokenizer
         self.delay_sampler = delay_sampler
         self.anchor: Anchor = anchor
@@ -80,14 +80,19 @@ class StreamingDataset(Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.streams)
+        return len(self.utterances) if self._bounds is None else len(self._bounds) - 1
+
+    def _members(self, index: int) -> range:
+        return range(index, index + 1) if self._bounds is None else range(self._bounds[index], self._bounds[index + 1])
 
     @functools.cached_property
-    def _n_samples(self) -> list[int]:
-        return [sum(math.ceil(utterance_seconds(self.utterances[u]) * protocol.SAMPLE_RATE) for u in stream)
-                for stream in self.streams]
+    def _n_samples(self) -> np.ndarray:
+        """Audio samples of each item, from durations (read on first use: the headers of rows that lack one)."""
+        seconds = self._seconds if self._seconds is not None else row_seconds(self.utterances)
+        samples = np.ceil(seconds * protocol.SAMPLE_RATE).astype(np.int64)  # what math.ceil gives, per utterance
+        return samples if self._bounds is None else np.add.reduceat(samples, self._bounds[:-1])
 
-    def lengths_in_positions(self, epoch: int | None = None) -> list[int]:
+    def lengths_in_positions(self, epoch: int | None = None) -> np.ndarray:
         """Positions of each item from durations only (no audio decoding), for batching: at the delay each item
         draws in `epoch` (what its batch will hold), or at the largest delay when `epoch` is None (an upper bound).
 
@@ -96,18 +101,17 @@ class StreamingDataset(Dataset):
         item is 1 to RIGHT_PAD_BUFFER_TOKENS positions shorter than this (its last word's pieces push EOS right):
         the untrimmed length stays the bound, so a batch never exceeds its budget.
         """
-        return [
-            protocol.n_total_positions(
-                n, self.delay_sampler.max_tokens if epoch is None else self.delay_sampler.draw(self.seed, epoch, i)
-            )
-            for i, n in enumerate(self._n_samples)
-        ]
+        n = self._n_samples
+        delays = np.full(len(n), self.delay_sampler.max_tokens) if epoch is None else \
+            self.delay_sampler.draws(self.seed, epoch, np.arange(len(n)))
+        return protocol.n_total_positions(n, delays)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         """Item `key` at the delay it draws in `self.epoch`, or `key = (epoch, index)` at that epoch's delay."""
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        members = [self.utterances[u] for u in self._members(index)]  # each row parsed once (a ManifestIndex)
         parts, words = [], []
-        for utt in (self.utterances[u] for u in self.streams[index]):
+        for utt in members:
             if utt.words is None:
                 raise ValueError(f"utterance {utt.id} ({utt.audio}) has no word timings: run data_prep to assign them")
             try:
@@ -118,7 +122,7 @@ class StreamingDataset(Dataset):
             words += [Word(w.word, w.start + start, w.end + start) for w in utt.words]
             parts.append(samples)
         samples = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        uid = "+".join(self.utterances[u].id for u in self.streams[index])
+        uid = "+".join(utt.id for utt in members)
         delay = self.delay_sampler.draw(self.seed, epoch, index)
         targets = build_targets(words, self.tokenizer, len(samples), delay, self.anchor, self.offset_frames)
         features = log_mel(pad_audio(samples, delay, targets.extra_right_pad))
@@ -132,6 +136,52 @@ class StreamingDataset(Dataset):
             "audio_seconds": torch.tensor(len(samples) / protocol.SAMPLE_RATE, dtype=torch.float32),
             "id": uid,
         }
+
+
+def row_seconds(rows: Sequence[Utterance]) -> np.ndarray:
+    """`utterance_seconds` of every row: a ManifestIndex's own array, audio headers only for the rows it lacks."""
+    if not isinstance(rows, ManifestIndex):
+        return np.array([utterance_seconds(utt) for utt in rows], dtype=np.float64)
+    missing = np.flatnonzero(np.isnan(rows.seconds))
+    if not missing.size:
+        return rows.seconds
+    seconds = rows.seconds.copy()
+    seconds[missing] = [utterance_seconds(rows[int(i)]) for i in missing]
+    return seconds
+
+
+class SegmentedRows(RowSequence):
+    """`rows` with each row longer than `max_seconds` replaced by its segments (`segment_utterance`), every row
+    carrying its seconds as `duration` (`seconds`, per row out).
+
+    Only the segments are held as objects; the rows that need no cut are read from `rows` when asked for, so a lazy
+    manifest stays lazy (voxtral-prep cuts long recordings already: few rows of a prepared corpus need it here).
+    """
+
+    def __init__(self, rows: Sequence[Utterance], seconds: np.ndarray, max_seconds: float) -> None:
+        long = np.flatnonzero(seconds > max_seconds)
+        pieces = [segment_utterance(dataclasses.replace(rows[int(j)], duration=float(seconds[j])), max_seconds)
+                  for j in long]
+        counts = np.ones(len(rows), np.int64)
+        counts[long] = [len(p) for p in pieces]
+        first = np.cumsum(counts) - counts  # the index of each row's first piece
+        self._rows = rows
+        self._row_of = None if not long.size else np.repeat(np.arange(len(rows)), counts)
+        self.seconds = np.repeat(np.asarray(seconds, np.float64), counts)
+        self._segments: dict[int, Utterance] = {}
+        for j, segments in zip(long, pieces):
+            for k, segment in enumerate(segments):
+                self._segments[int(first[j]) + k] = segment
+                self.seconds[first[j] + k] = segment.duration
+
+    def __len__(self) -> int:
+        return len(self.seconds)
+
+    def _row(self, i: int) -> Utterance:
+        if i in self._segments:
+            return self._segments[i]
+        row = self._rows[i if self._row_of is None else int(self._row_of[i])]
+        return dataclasses.replace(row, duration=float(self.seconds[i]))
 
 
 def stream_key(utt: Utterance) -> str | None:

@@ -1,6 +1,7 @@
 """Pre-flight: everything about the data and the settings that can be known before the model loads, said at once.
 
-`check_run(settings)` reads every manifest row and every audio file's header (no decoding) and refuses the run with
+`check_run(settings)` reads every manifest row (one at a time, through `ManifestIndex`, so a 5 M-row manifest costs
+its index and not its rows) and every audio file's header (no decoding) and refuses the run with
 one `PreflightError` listing every problem: a missing, empty or malformed manifest, rows whose audio is missing or
 not audio, rows without word timings (with the `voxtral-prep` command that gives them some), segments outside their
 file, recordings too long to cut at `data.max_seconds`, an item longer than `data.max_positions_per_batch`, and a
@@ -12,24 +13,19 @@ their batch comes up. It also returns the warnings worth printing (settings that
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from voxtral_train import protocol
 from voxtral_train.audio import AudioError, audio_info
 from voxtral_train.checkpoint import CheckpointError, resolve_resume
 from voxtral_train.config import DataSettings, Settings
-from voxtral_train.manifest import (
-    ManifestError,
-    Utterance,
-    jsonl_objects,
-    known_seconds,
-    manifest_path,
-    segment_utterance,
-    utterance_from_json,
-)
+from voxtral_train.manifest import ManifestError, Utterance, known_seconds, manifest_path, segment_utterance
+from voxtral_train.manifest_index import ManifestIndex
 
 EXAMPLES = 3  # rows named per kind of problem: enough to find the pattern, short enough to read
 
@@ -44,24 +40,48 @@ class UnreadableData(RuntimeError):
 
 @dataclass
 class CheckedRun:
-    train: list[Utterance]  # rows with `duration` read from the headers, ready for StreamingDataset
-    eval: list[Utterance] | None
+    train: ManifestIndex  # the rows, each carrying its `duration` (from the headers where the manifest had none)
+    eval: ManifestIndex | None
     notes: list[str] = field(default_factory=list)  # warnings and facts to print before the model loads
 
 
 @dataclass
 class _Problems:
-    """Rows with one kind of problem: counted, the first few named."""
+    """Rows with one kind of problem: counted, the first few named (a count, not a list: 5 M untimed rows)."""
 
     what: str
-    rows: list[str] = field(default_factory=list)
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
 
     def add(self, row: str) -> None:
-        self.rows.append(row)
+        self.count += 1
+        if len(self.examples) < EXAMPLES:
+            self.examples.append(row)
 
     def describe(self, n_rows: int) -> str:
-        named = "; ".join(self.rows[:EXAMPLES]) + ("; ..." if len(self.rows) > EXAMPLES else "")
-        return f"{len(self.rows)} of {n_rows} rows {self.what}: {named}"
+        named = "; ".join(self.examples) + ("; ..." if self.count > EXAMPLES else "")
+        return f"{self.count} of {n_rows} rows {self.what}: {named}"
+
+
+class _Headers:
+    """`audio_info` of recent files, or the AudioError: rows often share a file (offset/end segments, mostly next to
+    each other), and a bounded cache keeps the check's heap flat on millions of files."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size, self._recent = size, OrderedDict[str, tuple[int, int] | AudioError]()
+
+    def __call__(self, audio: str) -> tuple[int, int] | AudioError:
+        if audio in self._recent:
+            self._recent.move_to_end(audio)
+            return self._recent[audio]
+        try:
+            header: tuple[int, int] | AudioError = audio_info(audio)
+        except AudioError as err:
+            header = err
+        self._recent[audio] = header
+        if len(self._recent) > self.size:
+            self._recent.popitem(last=False)
+        return header
 
 
 def _prep_fix(key: str, path: Path, untimed: bool, bad: bool) -> str:
@@ -77,41 +97,38 @@ def _prep_fix(key: str, path: Path, untimed: bool, bad: bool) -> str:
             f"{key}={out / 'manifest.jsonl'}")
 
 
-def check_manifest(key: str, spec: str, data: DataSettings) -> tuple[list[Utterance], list[str], list[str]]:
-    """(rows with durations, problems, notes) of the manifest `spec` given as setting `key`."""
+def check_manifest(key: str, spec: str, data: DataSettings) -> tuple[ManifestIndex | None, list[str], list[str]]:
+    """(the rows with their durations, problems, notes) of the manifest `spec` given as setting `key`.
+
+    The rows are the lazy index of the whole manifest (`ManifestIndex.with_seconds`): when there are problems the
+    run is refused, so no caller trains on a manifest with rows left out. One row is held at a time."""
     path = manifest_path(spec)
     if path.is_dir():
         inside = path / "manifest.jsonl"
         hint = f": pass {key}={inside}" if inside.is_file() else ""
-        return [], [f"{key}={spec} is a folder, not a JSONL manifest{hint}"], []
+        return None, [f"{key}={spec} is a folder, not a JSONL manifest{hint}"], []
     if not path.is_file():
-        return [], [f"{key}={spec}: no such file (voxtral-prep writes one: voxtral-prep folder CLIPS/ --out DIR "
-                    f"makes DIR/manifest.jsonl)"], []
+        return None, [f"{key}={spec}: no such file (voxtral-prep writes one: voxtral-prep folder CLIPS/ --out DIR "
+                      f"makes DIR/manifest.jsonl)"], []
     malformed = _Problems("are not manifest rows")
     unreadable = _Problems("have audio that cannot be read")
     outside = _Problems("name a segment outside their audio file")
     untimed = _Problems("have no word timings (the targets need them)")
     uncuttable = _Problems(f"are longer than data.max_seconds={data.max_seconds:g} and cannot be cut at word "
                            "boundaries (raise data.max_seconds, or cut those recordings)")
-    rows: list[Utterance] = []
-    n_rows = 0
-    headers: dict[str, tuple[int, int] | AudioError] = {}  # rows often share a file (offset/end segments)
-    for where, _, obj, lineno in jsonl_objects(path):
-        n_rows += 1
+    index = ManifestIndex(path)
+    seconds_of = np.full(len(index), np.nan)
+    headers = _Headers()
+    longest: tuple[float, str] | None = None  # of the training items (rows, or their segments)
+    n_good = n_items = n_cut = 0
+    for i in range(len(index)):
         try:
-            if isinstance(obj, json.JSONDecodeError):
-                raise ManifestError(f"{where}: invalid JSON ({obj})")
-            utt = utterance_from_json(obj, path.parent, where)
+            utt = index[i]
         except ManifestError as err:
-            malformed.add(f"line {lineno}: " + str(err).removeprefix(f"{where}: "))
+            malformed.add(f"line {index.line_number(i)}: " + str(err).removeprefix(f"{index.where(i)}: "))
             continue
-        name = f"line {lineno} ({utt.id})"
-        if utt.audio not in headers:
-            try:
-                headers[utt.audio] = audio_info(utt.audio)
-            except AudioError as err:
-                headers[utt.audio] = err
-        header = headers[utt.audio]
+        name = f"line {index.line_number(i)} ({utt.id})"
+        header = headers(utt.audio)
         if isinstance(header, AudioError):
             unreadable.add(f"{name}: {header.reason}: {header.message}")
             continue
@@ -124,51 +141,52 @@ def check_manifest(key: str, spec: str, data: DataSettings) -> tuple[list[Uttera
             continue
         if utt.words is None:
             untimed.add(utt.id)
-        rows.append(dataclasses.replace(utt, duration=seconds))
-    if n_rows == 0:
-        return [], [f"{key}={spec} has no rows (if voxtral-prep wrote it, its rejects.jsonl says why each row was "
-                    "rejected)"], []
-    items, n_cut = _items(rows, data.max_seconds, uncuttable)
-    kinds = [p for p in (malformed, unreadable, outside, untimed, uncuttable) if p.rows]
-    problems = [f"{key}={spec}: {p.describe(n_rows)}" for p in kinds]
+        seconds_of[i], n_good = seconds, n_good + 1
+        items, cut = _items(dataclasses.replace(utt, duration=seconds), data.max_seconds, uncuttable)
+        n_items, n_cut = n_items + len(items), n_cut + cut
+        for item in items:
+            if longest is None or item.duration > longest[0]:
+                longest = (item.duration, item.id)
+    if len(index) == 0:
+        return None, [f"{key}={spec} has no rows (if voxtral-prep wrote it, its rejects.jsonl says why each row was "
+                      "rejected)"], []
+    kinds = [p for p in (malformed, unreadable, outside, untimed, uncuttable) if p.count]
+    problems = [f"{key}={spec}: {p.describe(len(index))}" for p in kinds]
     if kinds and kinds != [uncuttable]:
-        problems.append(_prep_fix(key, path, untimed=bool(untimed.rows),
-                                  bad=bool(malformed.rows or unreadable.rows or outside.rows)))
-    if kinds and not rows:
-        problems.insert(0, f"none of the {n_rows} rows of {key}={spec} can be trained on")
-    problems += _budget_problems(items, data)
+        problems.append(_prep_fix(key, path, untimed=bool(untimed.count),
+                                  bad=bool(malformed.count or unreadable.count or outside.count)))
+    if kinds and not n_good:
+        problems.insert(0, f"none of the {len(index)} rows of {key}={spec} can be trained on")
+    problems += _budget_problems(longest, data)
     notes = [f"{key}: {n_cut} rows longer than data.max_seconds={data.max_seconds:g} are cut at word boundaries "
-             f"({len(items)} items in all)"] if n_cut else []
-    return rows, problems, notes
+             f"({n_items} items in all)"] if n_cut else []
+    return index.with_seconds(seconds_of), problems, notes
 
 
-def _items(rows: list[Utterance], max_seconds: float, uncuttable: _Problems) -> tuple[list[Utterance], int]:
-    """The training items the rows become (StreamingDataset cuts long ones the same way), and how many rows were cut."""
-    items, n_cut = [], 0
-    for utt in rows:
-        if utt.words is None or utt.duration <= max_seconds:  # untimed rows are already a problem of their own
-            items.append(utt)
-            continue
-        try:
-            items += segment_utterance(utt, max_seconds)
-            n_cut += 1
-        except ValueError as err:
-            uncuttable.add(str(err))
-    return items, n_cut
+def _items(utt: Utterance, max_seconds: float, uncuttable: _Problems) -> tuple[list[Utterance], bool]:
+    """The training items a row becomes (StreamingDataset cuts long ones the same way; none if it cannot be cut),
+    and whether it was cut."""
+    if utt.words is None or utt.duration <= max_seconds:  # untimed rows are already a problem of their own
+        return [utt], False
+    try:
+        return segment_utterance(utt, max_seconds), True
+    except ValueError as err:
+        uncuttable.add(str(err))
+        return [], False
 
 
-def _budget_problems(items: list[Utterance], data: DataSettings) -> list[str]:
-    """The longest item must fit one micro-batch at the largest delay it can draw."""
-    if not items:
+def _budget_problems(longest: tuple[float, str] | None, data: DataSettings) -> list[str]:
+    """The longest item (seconds, id) must fit one micro-batch at the largest delay it can draw."""
+    if longest is None:
         return []
-    longest = max(items, key=lambda u: u.duration)
+    seconds, uid = longest
     max_delay_ms = max(data.delays_ms)
-    positions = protocol.n_total_positions(math.ceil(longest.duration * protocol.SAMPLE_RATE),
+    positions = protocol.n_total_positions(math.ceil(seconds * protocol.SAMPLE_RATE),
                                            protocol.delay_ms_to_tokens(max_delay_ms))
     if positions <= data.max_positions_per_batch:
         return []
-    return [f"data.max_positions_per_batch={data.max_positions_per_batch}: the longest item ({longest.id}, "
-            f"{longest.duration:.1f} s) needs {positions} positions at the largest delay ({max_delay_ms} ms): raise "
+    return [f"data.max_positions_per_batch={data.max_positions_per_batch}: the longest item ({uid}, "
+            f"{seconds:.1f} s) needs {positions} positions at the largest delay ({max_delay_ms} ms): raise "
             f"data.max_positions_per_batch to at least {positions}, or lower data.max_seconds"]
 
 

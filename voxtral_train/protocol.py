@@ -7,8 +7,6 @@ tokenizer (`voxtral_train.tokenizer`), which checks them against the values belo
 
 from __future__ import annotations
 
-import math
-
 SAMPLE_RATE = 16_000
 HOP_LENGTH = 160  # samples per mel frame (10 ms)
 WINDOW_SIZE = 400  # STFT window (25 ms)
@@ -48,8 +46,9 @@ def n_right_pad_tokens(delay_tokens: int) -> int:
 
 
 def n_audio_positions(n_samples: int) -> int:
-    """Positions the real audio covers once padded up to a whole position."""
-    return math.ceil(n_samples / SAMPLES_PER_POSITION)
+    """Positions the real audio covers once padded up to a whole position (integer ceiling: exact for ints and for
+    numpy arrays of them, which batching passes for every item at once)."""
+    return -(-n_samples // SAMPLES_PER_POSITION)
 
 
 def n_total_positions(n_samples: int, delay_tokens: int, extra_right_pad_tokens: int = 0) -> int:
