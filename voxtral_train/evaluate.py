@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from voxtral_train import protocol
-from voxtral_train.audio import load_audio
+from voxtral_train.audio import AudioError, load_audio
 from voxtral_train.batching import LengthBucketSampler
 from voxtral_train.config import Settings
 from voxtral_train.dataset import StreamingDataset, collate
@@ -212,13 +212,27 @@ class RunEvaluator:
         """The HF model being trained (LoRA layers injected), for decoding."""
         return unwrap_peft(self.accelerator.unwrap_model(self.lm).model)
 
+    def _readable(self, utterances: Sequence[Utterance]) -> list[Utterance]:
+        """The clips whose audio still reads; each one that no longer does (a file changed after the pre-flight
+        check) is named and left out, as training skips such items, so an eval never ends a run."""
+        kept = []
+        for utt in utterances:
+            try:
+                load_audio(utt.audio, utt.offset, utt.end, pcm16=self.settings.data.pcm16)
+            except AudioError as err:
+                if self.accelerator.is_main_process:
+                    print(f"voxtral-train: eval skipped item {utt.id}: {err.message}", file=sys.stderr)
+                continue
+            kept.append(utt)
+        return kept
+
     def periodic(self, step: int) -> None:
         if self.held_out is None:
             return
         t, say = self.settings.train, self.accelerator.print
         metrics = teacher_forced_eval(self.lm, self.accelerator, self.held_out, self.batches,
                                       t.loss_chunk_positions, self.settings.deepspeed.zero_stage)
-        clips = self.held_out.utterances[: t.eval_wer_clips]
+        clips = self._readable(self.held_out.utterances[: t.eval_wer_clips])
         report = evaluate_model(self.model, self.tokenizer, clips, self.settings.data.delays_ms[:1], progress=False,
                                 pcm16=self.settings.data.pcm16)
         metrics["wer"] = report["delays"][0]["wer_norm"]
@@ -237,7 +251,7 @@ class RunEvaluator:
             return None
         spec = data.train_manifest if data.final_eval_split == "train" else data.eval_manifest
         is_main = self.accelerator.is_main_process
-        report = evaluate_model(self.model, self.tokenizer, read_manifest(spec), data.delays_ms,
+        report = evaluate_model(self.model, self.tokenizer, self._readable(read_manifest(spec)), data.delays_ms,
                                 out_dir=run_dir / "eval" if is_main else None, name=self.settings.train.name,
                                 progress=is_main, manifest=spec, pcm16=data.pcm16)
         first = report["delays"][0]
