@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +18,7 @@ from voxtral_train.delays import DelaySampler
 from voxtral_train.embedding_cache import (
     AudioEmbeddingCache,
     EmbeddingCacheError,
+    EmbeddingStore,
     inner_model,
 )
 from voxtral_train.features import log_mel, pad_audio, silence_value
@@ -108,7 +114,7 @@ def test_entries_persist_and_a_changed_encoder_is_a_miss(tiny, rows, tmp_path):
     first = AudioEmbeddingCache(tmp_path, model, data.delay_sampler.max_tokens)
     embeds = first.embeddings_for(batch["input_features"], batch["n_positions"], batch["num_delay_tokens"])
     assert first.stats.misses == 2
-    assert not list(first.folder.glob(".*tmp")) and len(list(first.folder.glob("shard-*.safetensors"))) == 1
+    assert sorted(p.name.split("-")[0] for p in first.folder.iterdir()) == ["data", "index"]
 
     again = AudioEmbeddingCache(tmp_path, model, data.delay_sampler.max_tokens)  # a new process: reads the shard
     assert again.folder == first.folder
@@ -129,3 +135,82 @@ def test_refuses_a_trainable_encoder(tiny, tmp_path):
     model = apply_trainable_policy(model, PeftSettings(rank=4, unfreeze_adapter=True))
     with pytest.raises(EmbeddingCacheError, match="multi_modal_projector.*requires grad"):
         AudioEmbeddingCache(tmp_path, model, max_delay_tokens=6)
+
+
+# ---- the store: a few append-only files, bounded open files, verified reads, shared by processes --------------------
+
+def entry(i: int) -> torch.Tensor:
+    """Entry i: 8 x 128 float32 = 4096 bytes, its values telling which entry it is."""
+    return torch.arange(8 * 128, dtype=torch.float32).reshape(8, 128) + 1000 * i
+
+
+def test_many_batches_make_few_files_and_open_few_at_a_time(tmp_path):
+    store = EmbeddingStore(tmp_path, max_file_bytes=16 * 4096, pool_size=3)
+    for batch in range(50):
+        store.put({f"k{4 * batch + j}": entry(4 * batch + j) for j in range(4)})
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 1 + 200 // 16 + 1 and names[-1].startswith("index-")  # 13 data files + 1 index
+    reader = EmbeddingStore(tmp_path, pool_size=3)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for i in np.random.default_rng(0).permutation(200):
+        assert torch.equal(reader.get(f"k{i}", 8), entry(int(i)))
+        assert reader.open_files <= 3 and len(os.listdir("/proc/self/fd")) <= fds_before + 3
+    assert reader.get("k0", 9) is None and reader.get("absent", 1) is None  # too short / unknown: a miss
+    assert reader.stats.failed_checks == 0
+
+
+def test_a_truncated_or_damaged_entry_is_a_miss_not_a_crash(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    store.put({f"k{i}": entry(i) for i in range(4)})
+    store.close()
+    (data,) = tmp_path.glob("data-*.bin")
+    raw = bytearray(data.read_bytes())
+    raw[4096 + 17] ^= 0xFF  # a flipped byte in entry 1
+    data.write_bytes(bytes(raw[: 3 * 4096 + 100]))  # and entry 3 cut short
+    reader = EmbeddingStore(tmp_path)
+    assert [reader.get(f"k{i}", 8) is None for i in range(4)] == [False, True, False, True]
+    assert reader.stats.failed_checks == 2 and torch.equal(reader.get("k2", 8), entry(2))
+    (tmp_path / "index-broken.jsonl").write_text('{"key": "x", "file": \n')  # a damaged index line is no entry
+    assert EmbeddingStore(tmp_path).get("x", 1) is None
+
+
+def test_a_damaged_cache_file_is_recomputed_to_the_same_embeddings(tiny, rows, tmp_path):
+    model, tokenizer = lora_model(tiny)
+    data = dataset(rows[:2], tokenizer)
+    batch = collate([data[0], data[1]])
+    args = (batch["input_features"], batch["n_positions"], batch["num_delay_tokens"])
+    embeds = AudioEmbeddingCache(tmp_path, model, data.delay_sampler.max_tokens).embeddings_for(*args)
+    (data_file,) = (tmp_path).glob("*/data-*.bin")
+    data_file.write_bytes(data_file.read_bytes()[:100])
+    again = AudioEmbeddingCache(tmp_path, model, data.delay_sampler.max_tokens)
+    assert torch.equal(again.embeddings_for(*args), embeds)
+    assert (again.stats.hits, again.stats.misses, again.stats.failed_checks) == (0, 2, 2)
+
+
+SHARED_WRITER = """
+import sys, time, torch
+from voxtral_train.embedding_cache import EmbeddingStore
+folder, me, other = sys.argv[1], sys.argv[2], sys.argv[3]
+value = lambda name, i: torch.full((5, 16), float(i)) + (0.5 if name == "a" else 0.25)
+store = EmbeddingStore(folder, max_file_bytes=4096, refresh_seconds=0)
+for i in range(40):
+    store.put({f"{me}{i}": value(me, i)})
+deadline = time.monotonic() + 60
+while store.get(f"{other}39", 5) is None:  # the other process's last entry
+    assert time.monotonic() < deadline, "the other writer's entries never showed up"
+    time.sleep(0.05)
+assert all(torch.equal(store.get(f"{name}{i}", 5), value(name, i)) for name in "ab" for i in range(40))
+print("ok", store.stats.failed_checks)
+"""
+
+
+def test_two_processes_share_a_folder(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", SHARED_WRITER, str(tmp_path), me, other], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for me, other in (("a", "b"), ("b", "a"))]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert [out for out, _ in results] == ["ok 0\n", "ok 0\n"]
+    names = [p.name for p in tmp_path.iterdir()]
+    assert sum(n.startswith("index-") for n in names) == 2 and sum(n.startswith("data-") for n in names) >= 4

@@ -12,30 +12,38 @@ we store `P - d + max_delay_tokens` positions, enough for any delay of the run.
 
 Keys are content hashes of that delay-independent feature prefix, so a changed audio file is a miss, never a stale
 hit. The folder is keyed by a fingerprint of the encoder + adapter weights, the audio config, the feature settings,
-the dtype and the format version: a changed base model or feature setting starts a new folder. Entries live in
-safetensors shards written atomically (temporary name + rename) with unique names, so processes sharing a folder
-never write the same file; each shard's header is its own index (read on open and rescanned before computing).
+the dtype and the format version: a changed base model or feature setting starts a new folder.
+
+Storage (`EmbeddingStore`) holds millions of clips in a handful of files: each writing process appends raw tensor
+bytes to its own `data-<writer>-<n>.bin` (a new one past `max_file_bytes`) and, once those bytes are flushed, one
+JSON line per entry to its own `index-<writer>.jsonl` (key, file, offset, shape, dtype, CRC-32 of the bytes). Nothing
+is renamed, locked or unpickled, and no two processes write one file. The indexes are read when the store opens;
+a miss is computed, not looked for, and other writers' new index lines are read at most every `refresh_seconds`.
+Reads go through a bounded pool of open files (`os.pread`), and every entry's length and checksum are verified when
+it is read back: an entry that fails (a truncated or damaged file) is dropped and recomputed.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import time
 import uuid
+import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import IO, Any, Sequence
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from voxtral_train import features, protocol
 from voxtral_train.features import silence_value
 from voxtral_train.streaming_lm import unwrap_peft
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: append-only data files + JSONL indexes (1: one safetensors file per batch)
 _FRAMES = protocol.MEL_FRAMES_PER_POSITION
 
 
@@ -114,52 +122,171 @@ def content_key(features_row: torch.Tensor, n_positions: int, delay_tokens: int)
 class CacheStats:
     hits: int = 0
     misses: int = 0
+    failed_checks: int = 0  # entries whose bytes no longer matched their index line: recomputed
 
     @property
     def hit_rate(self) -> float:
         return self.hits / max(self.hits + self.misses, 1)
 
 
+@dataclass(frozen=True)
+class _Entry:
+    file: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: str
+    crc32: int
+
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * _itemsize(self.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _itemsize(dtype: str) -> int:
+    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+
+class EmbeddingStore:
+    """Tensors by key in append-only files shared by any number of processes (module doc: storage).
+
+    `get(key, min_rows)` returns the stored tensor if it has at least `min_rows` rows and its bytes verify, else
+    None; `put(entries)` appends them (the longest entry per key wins). `open_files` is never above `pool_size`.
+    """
+
+    def __init__(self, folder: str | os.PathLike, max_file_bytes: int = 4 << 30, pool_size: int = 16,
+                 refresh_seconds: float = 60.0, stats: CacheStats | None = None) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.max_file_bytes, self.pool_size, self.refresh_seconds = max_file_bytes, pool_size, refresh_seconds
+        self.stats = stats if stats is not None else CacheStats()
+        self.writer = uuid.uuid4().hex[:16]
+        self._index: dict[str, _Entry] = {}
+        self._read_upto: dict[str, int] = {}  # index file -> bytes of it already read
+        self._pool: OrderedDict[str, int] = OrderedDict()  # data file -> open descriptor, least recent first
+        self._data: IO[bytes] | None = None  # this writer's current data file
+        self._data_number = 0
+        self._index_file: IO[bytes] | None = None
+        self._refreshed = 0.0
+        self.refresh()
+
+    # -- reading ------------------------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Read the index lines written since the last refresh, by every writer (one listing of index files)."""
+        self._refreshed = time.monotonic()
+        for path in sorted(self.folder.glob("index-*.jsonl")):
+            with path.open("rb") as f:
+                f.seek(self._read_upto.get(path.name, 0))
+                chunk = f.read()
+            complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written is read next time
+            self._read_upto[path.name] = self._read_upto.get(path.name, 0) + len(complete)
+            for line in complete.splitlines():
+                self._add(line)
+
+    def _add(self, line: bytes) -> None:
+        try:
+            row = json.loads(line)
+            key, entry = row["key"], _Entry(row["file"], int(row["offset"]), tuple(int(n) for n in row["shape"]),
+                                            str(row["dtype"]), int(row["crc32"]))
+            getattr(torch, entry.dtype)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return  # a damaged index line: its entry is simply not there (recomputed when needed)
+        known = self._index.get(key)
+        if known is None or known.shape[0] < entry.shape[0]:
+            self._index[key] = entry
+
+    def _descriptor(self, name: str) -> int:
+        if name in self._pool:
+            self._pool.move_to_end(name)
+            return self._pool[name]
+        descriptor = os.open(self.folder / name, os.O_RDONLY)
+        self._pool[name] = descriptor
+        if len(self._pool) > self.pool_size:
+            os.close(self._pool.popitem(last=False)[1])
+        return descriptor
+
+    @property
+    def open_files(self) -> int:
+        return len(self._pool) + (self._data is not None) + (self._index_file is not None)
+
+    def get(self, key: str, min_rows: int) -> torch.Tensor | None:
+        entry = self._index.get(key)
+        if (entry is None or entry.shape[0] < min_rows) and time.monotonic() - self._refreshed > self.refresh_seconds:
+            self.refresh()
+            entry = self._index.get(key)
+        if entry is None or entry.shape[0] < min_rows:
+            return None
+        try:
+            data = os.pread(self._descriptor(entry.file), entry.nbytes, entry.offset)
+        except OSError:  # the data file is gone
+            data = b""
+        if len(data) != entry.nbytes or zlib.crc32(data) != entry.crc32:
+            self.stats.failed_checks += 1
+            del self._index[key]
+            return None
+        return torch.frombuffer(bytearray(data), dtype=getattr(torch, entry.dtype)).reshape(entry.shape)
+
+    # -- writing ------------------------------------------------------------------------------------------------
+    def _data_file(self, nbytes: int) -> IO[bytes]:
+        """This writer's data file with room for `nbytes` more (a new file past max_file_bytes)."""
+        if self._data is not None and self._data.tell() and self._data.tell() + nbytes > self.max_file_bytes:
+            self._data.close()
+            self._data, self._data_number = None, self._data_number + 1
+        if self._data is None:
+            self._data = (self.folder / f"data-{self.writer}-{self._data_number:04d}.bin").open("ab")
+        return self._data
+
+    def put(self, entries: dict[str, torch.Tensor]) -> None:
+        """Append the tensors, flush them, then append their index lines."""
+        lines = []
+        for key, tensor in entries.items():
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            f = self._data_file(len(data))
+            offset = f.tell()
+            f.write(data)
+            line = {"key": key, "file": Path(f.name).name, "offset": offset, "shape": list(tensor.shape),
+                    "dtype": str(tensor.dtype).removeprefix("torch."), "crc32": zlib.crc32(data)}
+            lines.append(json.dumps(line).encode() + b"\n")
+        if self._data is not None:
+            self._data.flush()
+        if self._index_file is None:
+            self._index_file = (self.folder / f"index-{self.writer}.jsonl").open("ab")
+        self._index_file.write(b"".join(lines))
+        self._index_file.flush()
+        for line in lines:
+            self._add(line)
+        self._read_upto[Path(self._index_file.name).name] = self._index_file.tell()
+
+    def close(self) -> None:
+        """Close every file (the store opens them again when used)."""
+        for descriptor in self._pool.values():
+            os.close(descriptor)
+        self._pool.clear()
+        for f in (self._data, self._index_file):
+            if f is not None:
+                f.close()
+        self._data = self._index_file = None
+
+    def __del__(self) -> None:
+        if hasattr(self, "_index_file"):  # not if __init__ failed
+            self.close()
+
+
 class AudioEmbeddingCache:
-    """On-disk store of audio embeddings under `root/<fingerprint>/shard-*.safetensors`.
+    """Audio embeddings of a frozen encoder, stored under `root/<fingerprint>/` (`EmbeddingStore`).
 
     `max_delay_tokens`: the largest delay the run trains with (`DelaySampler.max_tokens`); entries are stored long
     enough for it. An entry stored shorter than a later request (a larger delay) is recomputed.
     """
 
-    def __init__(self, root: str | os.PathLike, model: torch.nn.Module, max_delay_tokens: int) -> None:
+    def __init__(self, root: str | os.PathLike, model: torch.nn.Module, max_delay_tokens: int,
+                 **store_options: Any) -> None:
         check_frozen(model)
         self.model = model
         self.max_delay_tokens = max_delay_tokens
         self.folder = Path(root) / model_fingerprint(model)
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.stats = CacheStats()
-        self._index: dict[str, tuple[str, int]] = {}  # key -> (shard file name, stored positions)
-        self._scanned: set[str] = set()
-        self._handles: dict[str, Any] = {}
-        self._scan()
-
-    def _scan(self) -> None:
-        """Add shards written since the last scan (by this or another process); the longest entry per key wins."""
-        for path in sorted(self.folder.glob("shard-*.safetensors")):
-            if path.name in self._scanned:
-                continue
-            self._scanned.add(path.name)
-            with safe_open(path, framework="pt") as shard:
-                for key in shard.keys():
-                    length = shard.get_slice(key).get_shape()[0]
-                    if key not in self._index or self._index[key][1] < length:
-                        self._index[key] = (path.name, length)
-
-    def _load(self, key: str) -> torch.Tensor:
-        name, _ = self._index[key]
-        if name not in self._handles:
-            self._handles[name] = safe_open(self.folder / name, framework="pt")
-        return self._handles[name].get_tensor(key)
-
-    def _lookup(self, key: str, needed: int) -> bool:
-        entry = self._index.get(key)
-        return entry is not None and entry[1] >= needed
+        self.store = EmbeddingStore(self.folder, stats=self.stats, **store_options)
 
     @torch.no_grad()
     def _compute(self, features_batch: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
@@ -174,15 +301,6 @@ class AudioEmbeddingCache:
         padded[:, :, :have] = features_batch[:, :, :have].to("cpu", torch.float32)
         embeds = inner.get_audio_features(input_features=padded.to(device, dtype)).pooler_output  # [M, width, D]
         return [embeds[row, :length].to("cpu").contiguous() for row, length in enumerate(lengths)]
-
-    def _store(self, entries: dict[str, torch.Tensor]) -> None:
-        name = f"shard-{uuid.uuid4().hex}.safetensors"
-        tmp = self.folder / f".{name}.tmp"
-        save_file(entries, tmp, metadata={"format": str(FORMAT_VERSION)})
-        tmp.replace(self.folder / name)
-        self._scanned.add(name)
-        for key, tensor in entries.items():
-            self._index[key] = (name, tensor.shape[0])
 
     def embeddings_for(self, input_features: torch.Tensor, n_positions: torch.Tensor,
                        num_delay_tokens: torch.Tensor) -> torch.Tensor:
@@ -200,20 +318,17 @@ class AudioEmbeddingCache:
                                       f"{self.max_delay_tokens}: build the cache with the run's largest delay")
         keys = [content_key(input_features[row], n, d) for row, (n, d) in enumerate(zip(n_list, d_list))]
         needed = [stored_positions(n, d, self.max_delay_tokens) for n, d in zip(n_list, d_list)]
-        missing = [row for row in range(len(keys)) if not self._lookup(keys[row], needed[row])]
-        if missing:
-            self._scan()  # another process may have computed them meanwhile
-            missing = [row for row in missing if not self._lookup(keys[row], needed[row])]
+        stored = [self.store.get(key, need) for key, need in zip(keys, needed)]
+        missing = [row for row, tensor in enumerate(stored) if tensor is None]
         self.stats.hits += len(keys) - len(missing)
         self.stats.misses += len(missing)
-        computed: dict[str, torch.Tensor] = {}
         if missing:
             rows = self._compute(input_features[missing], [needed[row] for row in missing])
-            computed = {keys[row]: embeds for row, embeds in zip(missing, rows)}
-            self._store(computed)
+            for row, embeds in zip(missing, rows):
+                stored[row] = embeds
+            self.store.put({keys[row]: embeds for row, embeds in zip(missing, rows)})
         out = torch.zeros(len(keys), width, weight.shape[1], dtype=weight.dtype)
-        for row, key in enumerate(keys):
-            stored = computed[key] if key in computed else self._load(key)
+        for row, tensor in enumerate(stored):
             n = min(n_list[row], width)
-            out[row, :n] = stored[:n]
+            out[row, :n] = tensor[:n]
         return out.to(weight.device)
