@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from accelerate.state import AcceleratorState
 
 from voxtral_train import dataset as dataset_module
 from voxtral_train.audio import AudioError
@@ -213,16 +214,20 @@ def test_a_run_whose_files_break_mid_run_skips_logs_and_counts_them(tmp_path, mo
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(dataset_module, "load_audio", flaky)
-    result = train(compose_settings([
-        "+experiment=tiny_demo", f"train.output_root={tmp_path}", "train.name=flaky", "train.max_steps=3", "train.warmup_steps=1",
-        "train.log_every=1", "train.eval_every=0", "train.save_every=0", "data.final_eval_split=none",
-        "data.max_positions_per_batch=300", "data.num_workers=0", "logging.progress_bar=false",
-        "logging.tensorboard=false"]))
+    run = ["+experiment=tiny_demo", f"train.output_root={tmp_path}", "train.name=flaky", "train.warmup_steps=1",
+           "train.log_every=1", "train.eval_every=0", "train.save_every=0", "data.final_eval_split=none",
+           "data.max_positions_per_batch=300", "data.num_workers=0", "logging.progress_bar=false",
+           "logging.tensorboard=false"]
+    result = train(compose_settings([*run, "train.max_steps=3"]))
     assert result.final_step == 3 and result.stopped is None and broken
+    AcceleratorState._reset_state(True)
+    resumed = train(compose_settings([*run, "train.max_steps=6", "train.resume=latest"]))  # the count carries on
+    assert resumed.final_step == 6 and resumed.stopped is None
     rows = [json.loads(line) for line in (tmp_path / "flaky" / "metrics.jsonl").read_text().splitlines()]
     counts = [r["skipped_items"] for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
     logged = capfd.readouterr().err
-    assert counts == sorted(counts) and counts[-1] == logged.count("voxtral-train: skipped item ") > 0
+    assert counts == sorted(counts) and counts[-1] == logged.count("voxtral-train: skipped item ") > counts[2] > 0
     assert "truncated" in logged
 
 

@@ -65,6 +65,7 @@ class TrainerState:
     # train.on_nonfinite=rollback: events so far and the lr multiplier they left (a resume continues with both).
     nonfinite_events: int = 0
     lr_scale: float = 1.0
+    skipped_items: int = 0  # items whose audio stopped reading during the run, all ranks, since step 0
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

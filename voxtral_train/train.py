@@ -161,12 +161,11 @@ def _train(settings: Settings, checked: CheckedRun, accelerator: Accelerator, ru
         evaluator.periodic(0)  # the starting point: a pretrained base's held-out WER before adaptation
     losses: dict[int, float] = {}  # step -> training loss of the steps this process ran (a rollback drops some)
     stopped: str | None = None
-    skipped_items = 0  # items whose audio stopped reading during the run, all ranks
     interrupted: str | None = None
     while state.step < t.max_steps:
         started = time.perf_counter()
         window = [next(batches) for _ in range(t.gradient_accumulation_steps)]
-        skipped_items += report_skipped(accelerator, [item for _, _, b in window for item in b["skipped"]])
+        state.skipped_items += report_skipped(accelerator, [item for _, _, b in window for item in b["skipped"]])
         # 6a. Forward + backward of the window; a non-finite loss on any rank stops before it reaches the weights.
         totals = forward_backward(accelerator, wrapped, [b for _, _, b in window], settings,
                                   tokenizer.ids.streaming_pad, feed.audio_cache)
@@ -197,7 +196,7 @@ def _train(settings: Settings, checked: CheckedRun, accelerator: Accelerator, ru
         losses[state.step] = metrics["loss"]
         metrics.update(lr=lr, grad_norm=None if grad_norm is None else float(grad_norm), epoch=state.epoch,
                        audio_seconds=audio_seconds, positions=positions, step_seconds=seconds,
-                       audio_seconds_per_second=audio_seconds / seconds, skipped_items=skipped_items,
+                       audio_seconds_per_second=audio_seconds / seconds, skipped_items=state.skipped_items,
                        **(compile_stats.metrics() if compile_stats else {}))
         progress.update(1)
         progress.set_postfix(loss=f"{metrics['loss']:.3f}", text_acc=f"{metrics['text_accuracy']:.2f}",
@@ -289,6 +288,7 @@ def restore(resume_from: Path, accelerator: Accelerator, state: TrainerState, op
     state.step, state.epoch, state.batches_in_epoch = saved.step, saved.epoch, saved.batches_in_epoch
     state.audio_seconds_seen, state.last_loss = saved.audio_seconds_seen, saved.last_loss
     state.nonfinite_events, state.lr_scale = saved.nonfinite_events, saved.lr_scale
+    state.skipped_items = saved.skipped_items
     restart_schedule(optimizer, scheduler, settings.optim, state.step, state.lr_scale)  # this run's lr wins
     say(f"resumed from {resume_from}: step {state.step}, epoch {state.epoch}, batch {state.batches_in_epoch}")
     if note := lr_note(saved_config, settings_to_dict(settings), state.step, state.lr_scale):
