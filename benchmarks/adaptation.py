@@ -12,6 +12,10 @@ pretraining corpus (the same sentences and voices as recipes/mini_base's `manife
 OUT/data/general_test. Each method trains with `voxtral-train +experiment=domain_adaptation` and its overrides,
 one after another, on the same data.
 
+`lora_replay` trains on the domain clips plus as many clips of the pretraining corpus's training split (the same
+sentences and voices the base saw): what replay does against forgetting. `lora_streams` is LoRA with `data.stream_seconds=30`: consecutive clips played as one stream, so the same batch
+budget holds more real audio and fewer pad positions; it shows what stream packing does to held-out WER.
+
 Reports (OUT/results.json and OUT/results.md): normalised WER at 480 ms on the domain test and on the base's test for
 the base and each adapted model; forgetting = change of the base-test WER; the first method's WER on the domain test
 at every delay from 240 to 2400 ms; each training's wall time and audio seconds trained per second.
@@ -42,7 +46,14 @@ METHODS: dict[str, list[str]] = {
     "lora": [],
     "full": ["peft=full", "optim.lr=5.0e-4"],  # every weight moves: a quarter of LoRA's rate keeps the base's skills
     "lora_encoder": ["peft=lora_unfreeze_encoder"],
+    # LoRA on streams of consecutive clips (one prompt, one EOS per 30 s): the same steps and batch budget, fewer
+    # pad positions, so more real audio per step; does it change the held-out WER?
+    "lora_streams": ["data.stream_seconds=30"],
+    # LoRA on the domain clips mixed with as many clips of the base's own pretraining data (replay): the classic
+    # lever against forgetting; the training manifest is OUT/data/replay (see `replay_manifest`).
+    "lora_replay": [],
 }
+REPLAY_METHODS = {"lora_replay"}
 DELAYS_MS = (240, 480, 960, 1600, 2400)
 EVAL_DELAY_MS = 480
 
@@ -55,6 +66,17 @@ def base_test_set(out: Path, n: int, base_sentences: int, base_eval: int, worker
             if isinstance(r, Utterance)]
     write_manifest(out / "manifest.jsonl", rows)
     return read_manifest(out / "manifest.jsonl")
+
+
+def replay_manifest(out: Path, domain: Path, n: int, base_sentences: int, base_eval: int, workers: int) -> Path:
+    """OUT/manifest.jsonl: the domain's training rows followed by the first `n` training sentences of the
+    pretraining corpus, with the voices they were drawn there (clips the base trained on); returns its folder."""
+    texts = sentences("general", base_sentences + base_eval, seed=0)[:n]
+    general = [r for r in synthesise(jobs_for(texts, STYLES["general"], 0, "general_train"), out / "clips", workers)
+               if isinstance(r, Utterance)]
+    write_manifest(out / "manifest.jsonl", [*read_manifest(domain / "manifest.jsonl"), *general])
+    write_manifest(out / "manifest_eval.jsonl", read_manifest(domain / "manifest_eval.jsonl"))
+    return out
 
 
 def wer(model, tokenizer, utterances: list[Utterance], delays_ms=(EVAL_DELAY_MS,)) -> dict[int, float]:
@@ -105,8 +127,10 @@ def run(out: Path, base: str, methods: list[str], train_clips: int, test_clips: 
                                                 "base_test_wer": wer(model, tokenizer, base_test)[EVAL_DELAY_MS]}}
     print(f"base: {rows['base']}")
     per_delay: dict[int, float] = {}
+    replay_dir = (replay_manifest(out / "data" / "replay", domain_dir, len(corpus.train), base_sentences, base_eval,
+                                  workers) if REPLAY_METHODS & set(methods) else None)
     for i, method in enumerate(methods):
-        final, seconds, audio = adapt(method, out, base, domain_dir, steps)
+        final, seconds, audio = adapt(method, out, base, replay_dir if method in REPLAY_METHODS else domain_dir, steps)
         model, tokenizer = load_adapted(method, base, final)
         domain = wer(model, tokenizer, domain_test, DELAYS_MS if i == 0 else (EVAL_DELAY_MS,))
         if i == 0:
