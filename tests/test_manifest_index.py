@@ -136,3 +136,24 @@ def test_pickled_index_maps_the_file_again_and_refuses_a_changed_file(tmp_path):
     path.write_text(path.read_text() + '{"id": "z", "audio": "z.wav", "text": "x"}\n')
     with pytest.raises(ManifestError, match="changed since the run indexed it"):
         pickle.loads(state)
+
+
+def test_a_dataset_over_the_index_equals_one_over_the_list():
+    import torch
+
+    from voxtral_train.dataset import StreamingDataset
+    from voxtral_train.delays import DelaySampler
+    from voxtral_train.tokenizer import StreamingTokenizer
+
+    tokenizer, delays = StreamingTokenizer.tiny(), DelaySampler.uniform(80, 2400)
+    for max_seconds in (None, 2.0):  # 2 s: most bundled clips are cut
+        lazy = StreamingDataset(ManifestIndex("bundled:eval"), tokenizer, delays, max_seconds=max_seconds, seed=2)
+        eager = StreamingDataset(read_manifest("bundled:eval"), tokenizer, delays, max_seconds=max_seconds, seed=2)
+        assert len(lazy) == len(eager) and list(lazy.utterances) == list(eager.utterances)
+        assert len(lazy) == (8 if max_seconds is None else 11)  # 3 of the 8 clips are cut in two
+        for epoch in (None, 0, 5):
+            assert lazy.lengths_in_positions(epoch).tolist() == eager.lengths_in_positions(epoch).tolist()
+        for key in ((0, 0), (3, len(lazy) - 1)):
+            a, b = lazy[key], eager[key]
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]
+                                                for k in a)
