@@ -7,6 +7,7 @@ resolved settings the run trained with; `voxtral-export` reads its delay from th
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,23 @@ from voxtral_train.config import RUN_CONFIG_FILE, Settings, settings_to_dict
 from voxtral_train.distributed import gathered_parameters
 from voxtral_train.tokenizer import StreamingTokenizer
 from voxtral_train.trainable import save_trainable
+
+
+class _TiedHeadNote(logging.Filter):
+    """Drops accelerate's "Removed shared tensor {...lm_head.weight} while saving ... check by verifying" warning.
+
+    The lm_head is tied to the token embeddings in every mode, so safetensors stores that storage once; the reload
+    re-ties it (resumed runs match unbroken ones, tests/test_train.py). Any other shared tensor still warns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()  # accelerate may prefix it with "[RANK n] "
+        if "Removed shared tensor {" not in message:
+            return True
+        names = message.split("Removed shared tensor {", 1)[1].split("}", 1)[0]
+        return any(not name.strip(" '\"").endswith("lm_head.weight") for name in names.split(","))
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedHeadNote())
 
 
 class RunWriter:
