@@ -127,7 +127,7 @@ def index_part(path: Path, n: int, workers: int) -> None:
     index, held = held_bytes(lambda: ManifestIndex(path))
     assert len(index) == n
     print(f"index {n:>9,} rows ({size_mb:,.0f} MB file): build {build_s:.1f} s ({n / build_s / 1e3:,.0f} k rows/s), "
-          f"heap {held / n:.1f} B/row ({held / 1e6:.1f} MB), anonymous memory {(after["anon"] - before["anon"]) / 1024:+.0f} "
+          f"heap {held / n:.1f} B/row ({held / 1e6:.1f} MB), anonymous memory {(after['anon'] - before['anon']) / 1024:+.0f} "
           f"MB, random access {random_access(index):,.0f} rows/s")
     if workers:
         print(f"  {workers} DataLoader workers reading all {n:,} rows of the index: {worker_growth(index, workers)}")
