@@ -52,3 +52,10 @@ def test_bundled_spec_reads_the_bundled_manifest():
     from voxtral_train.manifest import bundled_manifest_path, read_manifest
 
     assert read_manifest("bundled:eval") == read_manifest(bundled_manifest_path("eval"))
+
+
+def test_a_line_that_is_not_utf8_is_a_bad_row_named_by_its_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b'{"id": "ok", "audio": "ok.wav", "text": "fine"}\n{"id": "b", "audio": "b.wav", "text": "caf\xe9"}\n')
+    with pytest.raises(ManifestError, match=r"m\.jsonl:2: invalid JSON \(not UTF-8 text .*write the manifest as UTF-8"):
+        read_manifest(path)

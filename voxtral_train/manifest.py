@@ -132,16 +132,24 @@ BUNDLED_PREFIX = "bundled:"  # `bundled:train` names the bundled manifest wherev
 
 def jsonl_objects(path: Path) -> Iterator[tuple[str, str, Any, int]]:
     """(`file:line`, the raw line, its parsed object or the JSONDecodeError, the line number) for each non-blank line
-    of a JSONL file."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    of a JSONL file. A line that is not UTF-8 is a JSONDecodeError too (RFC 8259: JSON text is UTF-8), so it is
+    reported as a bad row, not raised from inside the file iterator. Lines end at "\n" (as `ManifestIndex` reads)."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                obj = err
-            yield f"{path}:{lineno}", line.rstrip("\n"), obj, lineno
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                line = raw.decode("utf-8", "replace")
+                obj: Any = json.JSONDecodeError(f"not UTF-8 text ({err.reason} at byte {err.start}): write the "
+                                                "manifest as UTF-8", line, err.start)
+            else:
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    obj = err
+            yield f"{path}:{lineno}", line.rstrip("\r\n"), obj, lineno
 
 
 def manifest_path(spec: str | os.PathLike) -> Path:
