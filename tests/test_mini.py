@@ -10,16 +10,22 @@ import json
 from pathlib import Path
 
 import pytest
+from accelerate.state import AcceleratorState
 from safetensors import safe_open
 
 from voxtral_train import load_model
-from voxtral_train.evaluate import evaluate_model, probe_anchor
-from voxtral_train.manifest import read_manifest
+from voxtral_train.config import compose_settings
+from voxtral_train.evaluate import evaluate_model
 from voxtral_train.model import MINI_DIR
+from voxtral_train.manifest import read_manifest
+from voxtral_train.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 # Held-out WER of the shipped base at 480 ms on the first 8 held-out sentences of its corpus (measured BASE_MEASURED).
-BASE_MEASURED, BASE_LIMIT = 0.710, 0.85  # an untrained model of this size: > 100 %
+BASE_MEASURED, BASE_LIMIT = 0.362, 0.50  # an untrained model of this size: > 100 %; the 1,400-step base: 71 %
+# The default run at CI size: the held-out loss falls by LOSS_DROP within CI_STEPS // 2 steps.
+CI_STEPS, LOSS_DROP = 120, 1.5
+MEASURED = "loss 6.45 -> 2.61 at step 60, WER 100.8 % -> 97.4 % (60 steps: 101.3 %, too few)"
 
 
 def _benchmark():
@@ -34,10 +40,11 @@ def test_shipped_base_is_small_bf16_and_comes_with_what_made_it():
         dtypes = {str(f.get_slice(name).get_dtype()) for name in f.keys()}
     assert dtypes == {"BF16"}
     assert (MINI_DIR / "model.safetensors").stat().st_size <= 10 * 2**20
-    for name in ("config.json", "tekken.json", "recipe.yaml", "train_config.yaml", "metrics.jsonl", "summary.md"):
+    for name in ("config.json", "tekken.json", "recipe.yaml", "train_config.yaml", "metrics.jsonl", "summary.md",
+                 "stage1_train_config.yaml", "stage1_metrics.jsonl"):  # both pretraining stages
         assert (MINI_DIR / name).is_file(), name
     steps = [json.loads(line)["step"] for line in (MINI_DIR / "metrics.jsonl").read_text().splitlines()]
-    assert max(steps) >= 1000  # the log of the whole pretraining run, not of a smoke test
+    assert max(steps) >= 4000  # the log of the whole pretraining run, not of a smoke test
 
 
 def test_shipped_base_transcribes_held_out_sentences(tmp_path):
@@ -51,23 +58,25 @@ def test_shipped_base_transcribes_held_out_sentences(tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_at_ci_size_moves_the_base_towards_the_domain(tmp_path):
-    """The base is weak (≈ 75 % held-out WER), so 40 LoRA steps barely move the domain WER (measured 98.4 % before
-    and after); the held-out domain loss is the sensitive, computed measure of the same direction."""
-    bench = _benchmark()
-    corpus = bench.build_corpus(tmp_path / "medical", "medical", 48, 8, seed=0, workers=1)
-    test = read_manifest(tmp_path / "medical" / "manifest_eval.jsonl")
-    assert len(corpus.train) >= 40 and len(test) >= 6
+def test_the_default_run_adapts_the_base_to_held_out_domain_sentences(tmp_path):
+    """Plain `voxtral-train` (LoRA on the mini base, the bundled medical set) cut to CI_STEPS of its 300 steps moves
+    the 48 held-out domain sentences the right way against the base on the same clips: the teacher-forced loss falls
+    by more than LOSS_DROP (a computed, sensitive measure) and the WER falls. The WER moves little at this size: the
+    base is near 100 % on a domain whose words it never heard (measured MEASURED; the full 300 steps: 83.0 %)."""
+    test = read_manifest("bundled:medical_eval")
     model, tokenizer = load_model("mini")
-
-    def held_out(m) -> tuple[float, float]:
-        (row,) = probe_anchor(m, tokenizer, test, 480, offsets=(0,))[:1]  # anchor end, offset 0: the training targets
-        return row["text_loss"], bench.wer(m, tokenizer, test)[480]
-
-    loss_before, wer_before = held_out(model)
-    final, _, audio = bench.adapt("lora", tmp_path, "mini", tmp_path / "medical", steps=40)
-    adapted, _ = bench.load_adapted("lora", "mini", final)
-    loss_after, wer_after = held_out(adapted)
-    assert audio > 0
-    assert loss_after < loss_before - 0.1, f"held-out domain text loss {loss_before:.3f} -> {loss_after:.3f}"
-    assert wer_after <= wer_before + 0.02, f"domain WER {100 * wer_before:.1f}% -> {100 * wer_after:.1f}%"
+    before = evaluate_model(model, tokenizer, test, [480], progress=False)["delays"][0]["wer_norm"]
+    AcceleratorState._reset_state(True)
+    try:
+        result = train(compose_settings([f"train.output_root={tmp_path}", f"train.max_steps={CI_STEPS}",
+                                         f"train.eval_every={CI_STEPS // 2}", "train.eval_wer_clips=1",
+                                         "train.save_every=0", "logging.progress_bar=false",
+                                         "logging.tensorboard=false"]))
+    finally:
+        AcceleratorState._reset_state(True)
+    assert result.stopped is None and result.final_step == CI_STEPS
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in rows if r["split"] == "eval"}  # held-out, teacher-forced
+    assert list(losses) == [0, CI_STEPS // 2]
+    assert losses[CI_STEPS // 2] < losses[0] - LOSS_DROP, f"held-out loss {losses} (measured {MEASURED})"
+    assert result.final_wer < before, f"held-out WER {100 * before:.1f}% -> {100 * result.final_wer:.1f}%"

@@ -1,7 +1,7 @@
 """The README's quickstart, run as written (console scripts in a scratch folder), so the README cannot rot.
 
 The only change to the commands: the training run is shortened (fewer steps, periodic eval only at step 0) to keep
-CI fast; the full 150-step adaptation is what `voxtral-train` runs with no overrides.
+CI fast; the full 300-step adaptation is what `voxtral-train` runs with no overrides.
 """
 
 import json

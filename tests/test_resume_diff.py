@@ -24,7 +24,7 @@ def test_each_change_gets_its_outcome():
     assert diff.inexact == ["peft.mode", "world_size"] and diff.schedule_changed
     lines = diff.table().splitlines()
     assert lines[0].split() == ["setting", "checkpoint", "now", "outcome"] and set(lines[1]) == {"-", " "}
-    assert lines[2].split()[:3] == ["optim.lr", "0.002", "0.0005"]
+    assert lines[2].split()[:3] == ["optim.lr", "0.005", "0.0005"]
     assert resume_diff(saved, _config(train={"resume": "latest"}), 1, 1).rows == []
 
 

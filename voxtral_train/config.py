@@ -79,7 +79,8 @@ class OptimSettings:
     """torch.optim.AdamW over the trainable parameters (the only optimizer the loop, the memory planner and the
     checkpoints are tested with)."""
 
-    lr: float = 2e-3  # the mini base's LoRA demo; the 4B recipes use 1e-4 (LoRA) and 1e-5 (full)
+    lr: float = 5e-3  # the mini base's LoRA demo (2e-3: 98 % held-out WER after 150 steps, 5e-3: 83 % after 300);
+    # the 4B recipes use 1e-4 (LoRA) and 1e-5 (full)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.0  # applied to matrices (>= 2-D) only, never to norms or biases
@@ -90,7 +91,7 @@ class TrainSettings:
     name: str = "mini_medical"  # run folder: <output_root>/<name>
     output_root: str = "runs"
     seed: int = 0
-    max_steps: int = 150  # optimizer steps
+    max_steps: int = 300  # optimizer steps
     gradient_accumulation_steps: int = 1
     warmup_steps: int = 20
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # shape after warmup
@@ -104,7 +105,7 @@ class TrainSettings:
     z_loss: float = 0.0  # weight of log(Z)^2, keeps logits from drifting
     loss_chunk_positions: int = 1024  # scored positions per lm_head chunk: bounds the [n, vocab] fp32 logits
     log_every: int = 10
-    eval_every: int = 50  # periodic eval (teacher-forced loss + a short WER); 0 = off
+    eval_every: int = 100  # periodic eval (teacher-forced loss + a short WER); 0 = off
     eval_wer_clips: int = 16  # clips decoded for the periodic WER
     save_every: int = 50  # checkpoint every N optimizer steps (and at the end); 0 = only at the end
     keep_last: int = 2  # complete checkpoints kept
