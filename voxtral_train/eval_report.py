@@ -6,7 +6,8 @@ Input: a list of model results as `evaluate.evaluate_model` returns them, one pe
      "delays": [{"delay_ms", "delay_tokens", "wer_raw", "wer_norm", "cer_raw", "cer_norm", "blank_rate",
                  "offset_p50_s", "offset_p90_s", "latency_p50_s", "latency_p90_s", "n_timed_words",
                  "audio_seconds", "decode_seconds", "x_real_time", "by_language": {lang: {...}}}, ...],
-     "utterances": [{"delay_ms", "id", "reference", "hypothesis", ..., "words": [[word, emitted_s]]}, ...]}
+     "utterances": [{"delay_ms", "id", "reference", "hypothesis", ..., "words": [[word, emitted_s]]}, ...],
+     "skipped": [[id, why], ...]}   (clips a run's eval left out: their audio no longer reads)
 
 `report.json` holds everything but the per-utterance rows, which go to `errors.jsonl` (one line per model, delay
 and utterance, worst first within each model and delay). A training run's `summary.md` (`write_run_summary`)

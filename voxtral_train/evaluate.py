@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
@@ -59,21 +60,42 @@ def _stack(features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
     return pad_features(list(features)), [f.shape[1] // protocol.MEL_FRAMES_PER_POSITION for f in features]
 
 
+def load_clips(utterances: Sequence[Utterance], pcm16: bool = True,
+               skip_unreadable: bool = False) -> tuple[list[Utterance], list[np.ndarray], list[tuple[str, str]]]:
+    """(the utterances kept, their samples, (id, why) of each left out). With `skip_unreadable`, a clip whose audio
+    no longer reads is left out instead of raising AudioError (a run's eval: the file changed after the pre-flight
+    check, as training skips such items)."""
+    kept, audio, skipped = [], [], []
+    for utt in utterances:
+        try:
+            samples = load_audio(utt.audio, utt.offset, utt.end, pcm16=pcm16)
+        except AudioError as err:
+            if not skip_unreadable:
+                raise
+            skipped.append((utt.id, err.message))
+            continue
+        kept.append(utt)
+        audio.append(samples)
+    return kept, audio, skipped
+
+
 def decode_utterances(model, tokenizer: StreamingTokenizer, utterances: Sequence[Utterance], delay_tokens: int,
-                      batch_size: int = 8, progress: bool = True, label: str = "",
-                      pcm16: bool = True) -> tuple[list[Decoded], float, float]:
+                      batch_size: int = 8, progress: bool = True, label: str = "", pcm16: bool = True,
+                      audio: Sequence[np.ndarray] | None = None) -> tuple[list[Decoded], float, float]:
     """Decode every utterance at one delay. Returns (decoded in input order, audio seconds, wall seconds).
     Utterances are batched by length, so a batch's samples finish at about the same step. Feature extraction and
     decoding share `decode_threads` (one thread for small models on CPU). Audio is quantised to 16-bit PCM as
-    serving does, unless `pcm16` is false (`data.pcm16` of the run)."""
+    serving does, unless `pcm16` is false (`data.pcm16` of the run); `audio`, when given, is the utterances' samples
+    already loaded (`load_clips`: one read for all delays)."""
+    if audio is None:
+        _, audio, _ = load_clips(utterances, pcm16)
     with decode_threads(model):
-        return _decode_utterances(model, tokenizer, utterances, delay_tokens, batch_size, progress, label, pcm16)
+        return _decode_audio(model, tokenizer, audio, delay_tokens, batch_size, progress, label)
 
 
-def _decode_utterances(model, tokenizer: StreamingTokenizer, utterances: Sequence[Utterance], delay_tokens: int,
-                       batch_size: int, progress: bool, label: str, pcm16: bool) -> tuple[list[Decoded], float, float]:
+def _decode_audio(model, tokenizer: StreamingTokenizer, audio: Sequence[np.ndarray], delay_tokens: int,
+                  batch_size: int, progress: bool, label: str) -> tuple[list[Decoded], float, float]:
     device = next(model.parameters()).device
-    audio = [load_audio(u.audio, u.offset, u.end, pcm16=pcm16) for u in utterances]
     order = sorted(range(len(audio)), key=lambda i: len(audio[i]))
     decoded: list[Decoded | None] = [None] * len(audio)
     audio_seconds = sum(len(a) for a in audio) / protocol.SAMPLE_RATE
@@ -96,20 +118,24 @@ def _decode_utterances(model, tokenizer: StreamingTokenizer, utterances: Sequenc
 def evaluate_model(model, tokenizer: StreamingTokenizer, utterances: Sequence[Utterance],
                    delays_ms: Sequence[int] = (protocol.DEFAULT_DELAY_MS,), out_dir: str | Path | None = None,
                    batch_size: int = 8, name: str = "model", progress: bool = True,
-                   manifest: str | None = None, pcm16: bool = True) -> dict[str, Any]:
+                   manifest: str | None = None, pcm16: bool = True, skip_unreadable: bool = False) -> dict[str, Any]:
     """Decode `utterances` at each delay and score them; write a report into `out_dir` when given.
 
     Returns {"model", "n_utterances", "delays": [per-delay summary: wer_raw, wer_norm, cer_raw, cer_norm,
     blank_rate, offset/latency p50/p90, x_real_time, by_language, ...], "utterances": [per-utterance rows]}
-    (the layout `voxtral_train.eval_report` documents). The model is put in eval mode and restored afterwards."""
+    (the layout `voxtral_train.eval_report` documents), plus "skipped": [[id, why]] of the clips `skip_unreadable`
+    left out (`load_clips`). The audio is read once for all delays. The model is put in eval mode and restored
+    afterwards."""
+    utterances, audio, skipped = load_clips(utterances, pcm16, skip_unreadable)
     was_training = model.training
     model.eval()
-    result: dict[str, Any] = {"model": name, "n_utterances": len(utterances), "delays": [], "utterances": []}
+    result: dict[str, Any] = {"model": name, "n_utterances": len(utterances), "delays": [], "utterances": [],
+                              "skipped": [list(item) for item in skipped]}
     try:
         for delay_ms in delays_ms:
             delay = protocol.delay_ms_to_tokens(delay_ms)
             decoded, audio_s, wall_s = decode_utterances(model, tokenizer, utterances, delay, batch_size, progress,
-                                                         label=f"{name} @ {delay_ms} ms", pcm16=pcm16)
+                                                         label=f"{name} @ {delay_ms} ms", pcm16=pcm16, audio=audio)
             scores = [
                 score_utterance(u.id, u.text, d.text, u.language,
                                 [(w.word, w.end) for w in u.words] if u.words else None, d.words)
@@ -212,19 +238,11 @@ class RunEvaluator:
         """The HF model being trained (LoRA layers injected), for decoding."""
         return unwrap_peft(self.accelerator.unwrap_model(self.lm).model)
 
-    def _readable(self, utterances: Sequence[Utterance]) -> list[Utterance]:
-        """The clips whose audio still reads; each one that no longer does (a file changed after the pre-flight
-        check) is named and left out, as training skips such items, so an eval never ends a run."""
-        kept = []
-        for utt in utterances:
-            try:
-                load_audio(utt.audio, utt.offset, utt.end, pcm16=self.settings.data.pcm16)
-            except AudioError as err:
-                if self.accelerator.is_main_process:
-                    print(f"voxtral-train: eval skipped item {utt.id}: {err.message}", file=sys.stderr)
-                continue
-            kept.append(utt)
-        return kept
+    def _name_skipped(self, report: dict[str, Any]) -> None:
+        """Say each held-out clip the eval left out (its audio no longer reads), so an eval never ends a run."""
+        if self.accelerator.is_main_process:
+            for uid, why in report["skipped"]:
+                print(f"voxtral-train: eval skipped item {uid}: {why}", file=sys.stderr)
 
     def periodic(self, step: int) -> None:
         if self.held_out is None:
@@ -232,9 +250,10 @@ class RunEvaluator:
         t, say = self.settings.train, self.accelerator.print
         metrics = teacher_forced_eval(self.lm, self.accelerator, self.held_out, self.batches,
                                       t.loss_chunk_positions, self.settings.deepspeed.zero_stage)
-        clips = self._readable(self.held_out.utterances[: t.eval_wer_clips])
+        clips = self.held_out.utterances[: t.eval_wer_clips]
         report = evaluate_model(self.model, self.tokenizer, clips, self.settings.data.delays_ms[:1], progress=False,
-                                pcm16=self.settings.data.pcm16)
+                                pcm16=self.settings.data.pcm16, skip_unreadable=True)
+        self._name_skipped(report)
         metrics["wer"] = report["delays"][0]["wer_norm"]
         self.log(step, metrics, split="eval")
         note = "  (no text yet: normal early in training)" if metrics["text_accuracy"] < 0.05 else ""
@@ -251,9 +270,10 @@ class RunEvaluator:
             return None
         spec = data.train_manifest if data.final_eval_split == "train" else data.eval_manifest
         is_main = self.accelerator.is_main_process
-        report = evaluate_model(self.model, self.tokenizer, self._readable(read_manifest(spec)), data.delays_ms,
+        report = evaluate_model(self.model, self.tokenizer, read_manifest(spec), data.delays_ms,
                                 out_dir=run_dir / "eval" if is_main else None, name=self.settings.train.name,
-                                progress=is_main, manifest=spec, pcm16=data.pcm16)
+                                progress=is_main, manifest=spec, pcm16=data.pcm16, skip_unreadable=True)
+        self._name_skipped(report)
         first = report["delays"][0]
         self.log(step, {key: value for key, value in first.items() if isinstance(value, (int, float))},
                  split=f"final_{data.final_eval_split}")
