@@ -1,12 +1,13 @@
 """Data structures at 10,000 hours: the lazy manifest index and the embedding cache's file layout, on generated data.
 
-    python benchmarks/manifest_scale.py [--rows 100000 1000000] [--old-rows 100000] [--workers 2]
+    python benchmarks/manifest_scale.py [--rows 100000 1000000] [--old-rows 100000] [--rounds 3] [--workers 2]
                                         [--cache-entries 2000] [--dir /tmp/manifest_scale]
 
 Manifests of realistic rows (id, audio path, ~12 words of text, duration, language, a start/end per word, timing
 source: like data/synth/general/manifest.jsonl, ≈ 750 bytes) are written to --dir and deleted afterwards. Per size:
 the index's build time, its heap per row (tracemalloc: exact bytes held after the build), the process's anonymous
-memory growth, random access rows/s; `read_manifest` (a list of Utterance) at --old-rows for comparison; and
+memory growth, random access rows/s; at --old-rows, the time to a usable manifest of the index vs `read_manifest`
+(a list of Utterance), the sides alternating per round (--rounds; medians, min-max), and the list's heap; and
 DataLoader workers (fork) reading every row: their private (USS) and proportional (PSS) memory growth from
 /proc/<pid>/smaps_rollup, for the index and for the list. Then the embedding store: --cache-entries entries of
 50 x 3072 bf16 (a ~4 s clip of the real model) written in batches of 8, its files, write and read rates.
@@ -30,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab import machine_line  # noqa: E402
+from ab import machine_line, spread, turns  # noqa: E402
 
 from voxtral_train.embedding_cache import EmbeddingStore  # noqa: E402
 from voxtral_train.manifest import read_manifest  # noqa: E402
@@ -133,14 +134,25 @@ def index_part(path: Path, n: int, workers: int) -> None:
         print(f"  {workers} DataLoader workers reading all {n:,} rows of the index: {worker_growth(index, workers)}")
 
 
-def old_part(path: Path, n: int, workers: int) -> None:
-    start = time.perf_counter()
-    rows = read_manifest(path)
-    read_s = time.perf_counter() - start
-    del rows
+def ready_ab(path: Path, n: int, rounds: int) -> None:
+    """Time to a usable manifest, the index vs read_manifest, the sides alternating (order flipped) per round."""
+    sides = {"index": lambda: ManifestIndex(path), "read_manifest": lambda: read_manifest(path)}
+    seconds: dict[str, list[float]] = {name: [] for name in sides}
+    for r in range(rounds):
+        for name in turns(list(sides), r):
+            start = time.perf_counter()
+            rows = sides[name]()
+            seconds[name].append(time.perf_counter() - start)
+            del rows
+    ratios = [old / new for old, new in zip(seconds["read_manifest"], seconds["index"])]
+    print(f"ready {n:,} rows, {rounds} alternating rounds, median (min-max): index {spread(seconds['index'])} s, "
+          f"read_manifest {spread(seconds['read_manifest'])} s; read_manifest / index {spread(ratios, '.1f')}x")
+
+
+def old_part(path: Path, n: int, workers: int, rounds: int) -> None:
+    ready_ab(path, n, rounds)
     rows, held = held_bytes(lambda: read_manifest(path))
-    print(f"read_manifest {n:>9,} rows: {read_s:.1f} s ({n / read_s / 1e3:,.0f} k rows/s), heap {held / n:,.0f} "
-          f"B/row ({held / 1e6:,.0f} MB)")
+    print(f"read_manifest {n:>9,} rows: heap {held / n:,.0f} B/row ({held / 1e6:,.0f} MB)")
     if workers:
         print(f"  {workers} DataLoader workers reading all {n:,} rows of the list: {worker_growth(rows, workers)}")
 
@@ -174,6 +186,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--old-rows", type=int, default=100_000, help="read_manifest at this size (0: skip)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the index vs read_manifest timing")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the copy-on-write check (0: skip)")
     p.add_argument("--worker-max-rows", type=int, default=1_000_000, help="the worker check only up to this size")
     p.add_argument("--cache-entries", type=int, default=2000, help="0: skip the embedding store")
@@ -192,7 +205,7 @@ def main() -> None:
             if n in args.rows:
                 index_part(path, n, args.workers if n <= args.worker_max_rows else 0)
             if n == args.old_rows:
-                old_part(path, n, args.workers)
+                old_part(path, n, args.workers, args.rounds)
             path.unlink()
         if args.cache_entries:
             cache_part(args.dir / "cache", args.cache_entries)
