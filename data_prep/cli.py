@@ -9,6 +9,7 @@
     voxtral-prep folder my_clips/ --out data/mine --self-align-model /models/voxtral-realtime
     voxtral-prep folder my_clips/ --out data/mine --ctc-align-model /models/wav2vec2-base-960h
     voxtral-prep synth --out data/synth/general --sentences 30000      # synthetic corpus (data_prep.synth_corpus)
+    voxtral-prep shards data/mine/manifest.jsonl --out data/mine_shards  # tar shards for corpora at scale
 
 Writes OUT/manifest.jsonl (kept rows), OUT/rejects.jsonl (each rejected row with its source, input line, a reason
 code and a message) and OUT/changes.jsonl (transcripts cleaning changed: original and cleaned text), and prints
@@ -91,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         from data_prep.synth_corpus import main as synth_main
 
         return synth_main(argv[1:])
+    if argv[:1] == ["shards"]:  # writes a checked manifest as tar shards: its own options
+        from data_prep.shard_corpus import main as shards_main
+
+        return shards_main(argv[1:])
     args = _parser().parse_args(argv)
     if not args.input.exists():
         print(f"voxtral-prep: input not found: {args.input}", file=sys.stderr)

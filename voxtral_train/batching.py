@@ -6,7 +6,7 @@ by rank itself, and can skip ahead to resume mid-epoch.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 from torch.utils.data import DataLoader, Sampler
@@ -183,7 +183,15 @@ def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -
     return 1.0 - real / padded
 
 
-def micro_batches(loader: DataLoader, sampler: LengthBucketSampler, epoch: int,
+class BatchOrder(Protocol):
+    """What `micro_batches` tells before each epoch: a `LengthBucketSampler`, or a `ShardStream` (its own order)."""
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def skip_batches(self, n: int) -> None: ...
+
+
+def micro_batches(loader: DataLoader, sampler: BatchOrder, epoch: int,
                   consumed: int) -> Iterator[tuple[int, int, dict]]:
     """(epoch, batches consumed in that epoch, batch), endlessly, starting after `consumed` batches of `epoch`.
     The sampler and the dataset (its delays) are told each new epoch. A batch whose every item was skipped (audio
@@ -195,6 +203,10 @@ def micro_batches(loader: DataLoader, sampler: LengthBucketSampler, epoch: int,
         sampler.skip_batches(consumed)
         loaded = yielded = 0
         for batch in loader:
+            if batch.get("position", consumed) != consumed:  # a shard stream's batches say where they belong
+                raise RuntimeError(f"epoch {epoch}: batch {batch['position']} arrived as batch {consumed}: the "
+                                   "DataLoader did not take its workers' batches in turn, so a resume would not be "
+                                   "exact")
             consumed += 1
             loaded += 1
             if not batch["ids"]:

@@ -42,7 +42,8 @@ class ModelSettings:
 @dataclass
 class DataSettings:
     # JSONL manifest path, or a bundled espeak-ng set: bundled:medical_train / bundled:medical_eval (the domain the
-    # default run adapts the mini base to), bundled:train / bundled:eval (the tiny demo's short sentences)
+    # default run adapts the mini base to), bundled:train / bundled:eval (the tiny demo's short sentences).
+    # train_manifest may also be a shard folder (voxtral-prep shards): streamed in order, for corpora at scale.
     train_manifest: str = "bundled:medical_train"
     eval_manifest: str | None = "bundled:medical_eval"  # held-out manifest for periodic eval; null = none
     delays_ms: list[int] = field(default_factory=lambda: [protocol.DEFAULT_DELAY_MS])  # sampled per utterance (80 ms grid)
@@ -52,6 +53,10 @@ class DataSettings:
     # Training items: consecutive utterances of one speaker (manifest key speaker or source) played back to back up
     # to this many seconds, one prompt and one EOS per stream; null = one utterance per item.
     stream_seconds: float | None = None
+    # A shard corpus's shards at another place than beside its shards.json, {name} = a shard's file name: a path, a
+    # URL (http, gs) or "pipe:COMMAND" writing the shard to stdout (pipe:aws s3 cp s3://bucket/dir/{name} -).
+    shard_url: str | None = None
+    shards_per_window: int = 2  # shards whose rows are bucketed together (a DataLoader worker holds one window)
     max_positions_per_batch: int = 1000  # micro-batch size in 80 ms positions (padding included), per process
     num_workers: int | None = None  # DataLoader worker processes; null = auto (the cores per process, minus one, <= 4)
     pcm16: bool = True  # quantise audio to 16-bit PCM before the log-mel, as serving (mistral-common, vLLM) does
@@ -213,6 +218,9 @@ def value_problems(s: Settings) -> list[str]:
         (0 <= s.peft.dropout < 1, f"peft.dropout: must be in [0, 1), got {s.peft.dropout}"),
         (not (s.peft.mode == "full" and (s.peft.unfreeze_encoder or s.peft.unfreeze_adapter)),
          "peft.unfreeze_encoder/unfreeze_adapter: only for LoRA modes (peft.mode=full trains everything)"),
+        (s.data.shards_per_window >= 1, f"data.shards_per_window: must be >= 1, got {s.data.shards_per_window}"),
+        (s.data.shard_url is None or "{name}" in s.data.shard_url,
+         f"data.shard_url: must contain {{name}} (where a shard's file name goes), got {s.data.shard_url!r}"),
         (not s.deepspeed.offload_params or s.deepspeed.zero_stage == 3,
          f"deepspeed.offload_params: needs deepspeed.zero_stage=3, got {s.deepspeed.zero_stage}"),
         (not (s.deepspeed.zero_stage and s.train.mixed_precision == "fp16"),

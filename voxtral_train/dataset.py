@@ -109,33 +109,41 @@ class StreamingDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         """Item `key` at the delay it draws in `self.epoch`, or `key = (epoch, index)` at that epoch's delay."""
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
-        members = [self.utterances[u] for u in self._members(index)]  # each row parsed once (a ManifestIndex)
-        parts, words = [], []
-        for utt in members:
+        clips = []
+        for utt in (self.utterances[u] for u in self._members(index)):  # each row parsed once (a ManifestIndex)
             if utt.words is None:
                 raise ValueError(f"utterance {utt.id} ({utt.audio}) has no word timings: run data_prep to assign them")
             try:
-                samples = load_audio(utt.audio, utt.offset, utt.end, pcm16=self.pcm16)
+                clips.append((utt, load_audio(utt.audio, utt.offset, utt.end, pcm16=self.pcm16)))
             except AudioError as err:
                 return {"id": utt.id, "skipped": err.message}
-            start = sum(len(p) for p in parts) / protocol.SAMPLE_RATE  # the words at their time in the stream
-            words += [Word(w.word, w.start + start, w.end + start) for w in utt.words]
-            parts.append(samples)
-        samples = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        uid = "+".join(utt.id for utt in members)
-        delay = self.delay_sampler.draw(self.seed, epoch, index)
-        targets = build_targets(words, self.tokenizer, len(samples), delay, self.anchor, self.offset_frames)
-        features = log_mel(pad_audio(samples, delay, targets.extra_right_pad))
-        n = targets.eos_position if self.trim_after_eos else targets.n_positions  # labels are -100 from EOS on
-        return {
-            "input_features": features[:, : protocol.MEL_FRAMES_PER_POSITION * n],  # [128, 8 * P]
-            "input_ids": torch.tensor(targets.input_ids[:n], dtype=torch.long),  # [P]
-            "labels": torch.tensor(targets.labels[:n], dtype=torch.long),  # [P]
-            "num_delay_tokens": torch.tensor(delay, dtype=torch.long),
-            "n_positions": torch.tensor(n, dtype=torch.long),
-            "audio_seconds": torch.tensor(len(samples) / protocol.SAMPLE_RATE, dtype=torch.float32),
-            "id": uid,
-        }
+        return make_item(clips, self.delay_sampler.draw(self.seed, epoch, index), self.tokenizer, self.anchor,
+                         self.offset_frames, self.trim_after_eos)
+
+
+def make_item(clips: Sequence[tuple[Utterance, np.ndarray]], delay: int, tokenizer: StreamingTokenizer,
+              anchor: Anchor = "end", offset_frames: int = 0, trim_after_eos: bool = True) -> dict[str, Any]:
+    """One training item: the clips' 16 kHz samples played back to back (one clip, or a stream of them), their words
+    at their time in the stream, at `delay` tokens. Manifest rows (`StreamingDataset`) and shard samples
+    (`shard_stream`) both become items here, so the two forms of a corpus give the same tensors."""
+    words, start = [], 0
+    for utt, samples in clips:
+        words += [Word(w.word, w.start + start / protocol.SAMPLE_RATE, w.end + start / protocol.SAMPLE_RATE)
+                  for w in utt.words]
+        start += len(samples)
+    samples = clips[0][1] if len(clips) == 1 else np.concatenate([s for _, s in clips])
+    targets = build_targets(words, tokenizer, len(samples), delay, anchor, offset_frames)
+    features = log_mel(pad_audio(samples, delay, targets.extra_right_pad))
+    n = targets.eos_position if trim_after_eos else targets.n_positions  # labels are -100 from EOS on
+    return {
+        "input_features": features[:, : protocol.MEL_FRAMES_PER_POSITION * n],  # [128, 8 * P]
+        "input_ids": torch.tensor(targets.input_ids[:n], dtype=torch.long),  # [P]
+        "labels": torch.tensor(targets.labels[:n], dtype=torch.long),  # [P]
+        "num_delay_tokens": torch.tensor(delay, dtype=torch.long),
+        "n_positions": torch.tensor(n, dtype=torch.long),
+        "audio_seconds": torch.tensor(len(samples) / protocol.SAMPLE_RATE, dtype=torch.float32),
+        "id": "+".join(utt.id for utt, _ in clips),
+    }
 
 
 def row_seconds(rows: Sequence[Utterance]) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Pre-flight: everything about the data and the settings that can be known before the model loads, said at once.
 
 `check_run(settings)` reads every manifest row (one at a time, through `ManifestIndex`, so a 5 M-row manifest costs
-its index and not its rows) and every audio file's header (no decoding) and refuses the run with
+its index and not its rows) and every audio file's header (no decoding), or a shard corpus's index (`check_shards`:
+its rows were checked when it was written), and refuses the run with
 one `PreflightError` listing every problem: a missing, empty or malformed manifest, rows whose audio is missing or
 not audio, rows without word timings (with the `voxtral-prep` command that gives them some), segments outside their
 file, recordings too long to cut at `data.max_seconds`, an item longer than `data.max_positions_per_batch`, and a
@@ -26,6 +27,7 @@ from voxtral_train.checkpoint import CheckpointError, resolve_resume
 from voxtral_train.config import DataSettings, Settings
 from voxtral_train.manifest import ManifestError, Utterance, known_seconds, manifest_path, segment_utterance
 from voxtral_train.manifest_index import ManifestIndex
+from voxtral_train.shards import ShardError, ShardIndex, is_shard_folder
 
 EXAMPLES = 3  # rows named per kind of problem: enough to find the pattern, short enough to read
 
@@ -40,7 +42,7 @@ class UnreadableData(RuntimeError):
 
 @dataclass
 class CheckedRun:
-    train: ManifestIndex  # the rows, each carrying its `duration` (from the headers where the manifest had none)
+    train: ManifestIndex | ShardIndex  # the rows with their `duration` (headers read where the manifest had none)
     eval: ManifestIndex | None
     notes: list[str] = field(default_factory=list)  # warnings and facts to print before the model loads
 
@@ -163,6 +165,42 @@ def check_manifest(key: str, spec: str, data: DataSettings) -> tuple[ManifestInd
     return index.with_seconds(seconds_of), problems, notes
 
 
+def check_shards(key: str, spec: str, data: DataSettings) -> tuple[ShardIndex | None, list[str], list[str]]:
+    """(the shard corpus's verified index, problems, notes) of `spec` given as setting `key`. Reads the index and
+    stats the local shards: every row was checked and timed when the corpus was written, and its length is in the
+    index, so no audio is opened here (what makes a 5 M-row corpus start in seconds)."""
+    try:
+        index = ShardIndex.open(spec, data.shard_url)
+    except ShardError as err:
+        return None, [f"{key}={spec}: {err}"], []
+    problems = []
+    if not len(index):
+        problems.append(f"{key}={spec} has no rows (its rejects.jsonl says why each was left out)")
+    missing = index.missing_shards()
+    if missing:
+        named = "; ".join(missing[:EXAMPLES]) + ("; ..." if len(missing) > EXAMPLES else "")
+        problems.append(f"{key}={spec}: {len(missing)} of {len(index.names)} shards are missing or not the size the "
+                        f"index says: {named} (copy them again, or set data.shard_url to where they are)")
+    if data.stream_seconds is not None:
+        problems.append(f"data.stream_seconds={data.stream_seconds:g}: streams are packed from a JSONL manifest; a "
+                        "shard corpus trains one row per item (unset data.stream_seconds, or train on the manifest)")
+    if not data.pcm16:
+        problems.append("data.pcm16=false: a shard corpus holds its audio as 16-bit PCM (what serving feeds the "
+                        "model); train on the manifest to use the float samples")
+    if len(index):
+        row = int(np.argmax(index.samples))
+        seconds = float(index.seconds[row])
+        if seconds > data.max_seconds:
+            problems.append(f"{key}={spec}: row {row:010d} lasts {seconds:.1f} s > data.max_seconds="
+                            f"{data.max_seconds:g} (the corpus was written with a larger --max-seconds): raise "
+                            f"data.max_seconds to {math.ceil(seconds)}, or write the shards again")
+        problems += _budget_problems((seconds, f"row {row:010d}"), data)
+    where = f", read from {data.shard_url}" if data.shard_url else ""
+    notes = [f"{key}: {len(index)} rows ({float(index.seconds.sum()) / 3600:.1f} h) in {len(index.names)} shards"
+             f"{where}, streamed in windows of {data.shards_per_window} shards"]
+    return index, problems, notes
+
+
 def _items(utt: Utterance, max_seconds: float, uncuttable: _Problems) -> tuple[list[Utterance], bool]:
     """The training items a row becomes (StreamingDataset cuts long ones the same way; none if it cannot be cut),
     and whether it was cut."""
@@ -204,9 +242,13 @@ def settings_warnings(settings: Settings) -> list[str]:
 def check_run(settings: Settings) -> CheckedRun:
     """Every manifest of the run checked (headers read, nothing decoded); raises PreflightError listing all problems."""
     data = settings.data
-    train, problems, notes = check_manifest("data.train_manifest", data.train_manifest, data)
+    check = check_shards if is_shard_folder(data.train_manifest) else check_manifest
+    train, problems, notes = check("data.train_manifest", data.train_manifest, data)
     held_out = None
-    if data.eval_manifest is not None:
+    if data.eval_manifest is not None and is_shard_folder(data.eval_manifest):
+        problems.append(f"data.eval_manifest={data.eval_manifest} is a shard folder: held-out decoding reads a JSONL "
+                        "manifest (its clips by index); pass the manifest the shards were written from")
+    elif data.eval_manifest is not None:
         held_out, eval_problems, eval_notes = check_manifest("data.eval_manifest", data.eval_manifest, data)
         problems += eval_problems
         notes += eval_notes
