@@ -109,6 +109,9 @@ class TrainSettings:
     text_loss_weight: float = 1.0  # weight of word / [STREAMING_WORD] / EOS targets
     z_loss: float = 0.0  # weight of log(Z)^2, keeps logits from drifting
     loss_chunk_positions: int = 1024  # scored positions per lm_head chunk: bounds the [n, vocab] fp32 logits
+    # The training steps' lm_head + CE: chunked (built in) or an optional CUDA-only kernel library, never a
+    # dependency (voxtral_train.loss.LOSS_BACKENDS: the package to install, what each gives up). Eval runs chunked.
+    loss_backend: Literal["chunked", "liger", "cut_cross_entropy"] = "chunked"
     log_every: int = 10
     eval_every: int = 100  # periodic eval (teacher-forced loss + a short WER); 0 = off
     eval_wer_clips: int = 16  # clips decoded for the periodic WER
@@ -193,6 +196,12 @@ def value_problems(s: Settings) -> list[str]:
         (s.train.text_loss_weight > 0, f"train.text_loss_weight: must be > 0, got {s.train.text_loss_weight}"),
         (s.train.z_loss >= 0, f"train.z_loss: must be >= 0, got {s.train.z_loss}"),
         (s.train.loss_chunk_positions > 0, f"train.loss_chunk_positions: must be > 0, got {s.train.loss_chunk_positions}"),
+        (s.train.loss_backend == "chunked" or s.deepspeed.zero_stage != 3,
+         f"train.loss_backend: {s.train.loss_backend} reads the lm_head weight whole, which ZeRO-3 partitions: use "
+         f"train.loss_backend=chunked (or deepspeed.zero_stage=2)"),
+        (s.train.loss_backend != "cut_cross_entropy" or not s.train.z_loss,
+         f"train.z_loss: cut_cross_entropy has no z-loss term, got {s.train.z_loss}: set train.z_loss=0, or use "
+         f"train.loss_backend=chunked (or liger)"),
         (s.train.log_every > 0, f"train.log_every: must be > 0, got {s.train.log_every}"),
         (s.train.eval_every >= 0, f"train.eval_every: must be >= 0, got {s.train.eval_every}"),
         (s.train.save_every >= 0, f"train.save_every: must be >= 0, got {s.train.save_every}"),

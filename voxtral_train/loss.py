@@ -10,15 +10,23 @@ chunk runs under activation checkpointing instead.
 Normalisation: every function returns *sums*. The step divides the summed weighted loss by the weight of all targets
 in the whole accumulation window across all ranks (counted before the window runs), so a step's gradient does not
 depend on how its batch was split into micro-batches or processes (`backward_scale`).
+
+Optional backends (`train.loss_backend`, `LOSS_BACKENDS`): a training step's loss can instead run a fused
+lm_head + CE Triton kernel from a library that is never a dependency (CUDA only, whole lm_head weight, imported
+only when chosen). Both give the same weighted sums; what each gives up is said at `_liger_sums` / `_cce_sums`.
+Without gradients (eval, the anchor probe) the chunked path always runs: it is cheap there and its statistics exact.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import math
 from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
+from packaging.version import Version
 from torch.utils.checkpoint import checkpoint
 
 from voxtral_train.protocol import IGNORE_INDEX
@@ -128,20 +136,133 @@ def fusable(project: Callable[[torch.Tensor], torch.Tensor]) -> bool:
             and not hasattr(project.weight, "ds_id"))
 
 
+CHUNKED = "chunked"  # the built-in loss above: any device, any ZeRO stage, exact statistics
+
+
+@dataclass(frozen=True)
+class LossBackend:
+    """An optional library computing CE from hidden states and the lm_head weight without [n, V] logits."""
+
+    package: str  # its pip distribution
+    min_version: str | None  # the oldest release with every argument used here (None: all of them)
+    module: str  # imported when the backend is chosen, never otherwise
+
+
+LOSS_BACKENDS = {  # the values of train.loss_backend besides CHUNKED
+    # 0.8.0: return_predicted_tokens, the argmax the text statistics need
+    "liger": LossBackend("liger-kernel", "0.8.0", "liger_kernel.transformers.functional"),
+    "cut_cross_entropy": LossBackend("cut-cross-entropy", None, "cut_cross_entropy"),
+}
+
+
+def backend_problems(backend: str) -> list[str]:
+    """Why `train.loss_backend=<backend>` cannot run here, one line each (empty: it can). `StreamingLM` checks at
+    construction, so a missing package or GPU stops the run before its first step."""
+    if backend == CHUNKED:
+        return []
+    spec = LOSS_BACKENDS[backend]
+    requirement = spec.package + (f">={spec.min_version}" if spec.min_version else "")
+    key = f"train.loss_backend={backend}"
+    fallback = f"train.loss_backend={CHUNKED} (the built-in loss, no extra package)"
+    problems = []
+    try:
+        installed = importlib.metadata.version(spec.package)
+    except importlib.metadata.PackageNotFoundError:
+        problems.append(f"{key}: the optional package {spec.package} is not installed: "
+                        f"pip install '{requirement}', or run {fallback}")
+    else:
+        if spec.min_version and Version(installed) < Version(spec.min_version):
+            problems.append(f"{key}: {spec.package} {installed} is too old: pip install '{requirement}', "
+                            f"or run {fallback}")
+        else:
+            try:
+                importlib.import_module(spec.module)
+            except Exception as err:  # a broken install (triton missing or mismatched) fails in many ways
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                problems.append(f"{key}: {spec.package} {installed} is installed but `import {spec.module}` "
+                                f"failed ({reason}): reinstall '{requirement}', or run {fallback}")
+    if not torch.cuda.is_available():
+        problems.append(f"{key}: {spec.package} runs Triton kernels on a CUDA GPU and none is visible: run {fallback}")
+    return problems
+
+
+def _liger_sums(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pad_id: int, pad_weight: float,
+                text_weight: float, z_loss: float) -> tuple[torch.Tensor, ...]:
+    """The five sums of `_chunk_sums` from Liger Kernel's fused linear CE, exact statistics included.
+
+    One reduction="sum" call per target kind, scaled by that kind's weight: every target of a kind weighs the same,
+    so this is the weighted sum. Per-token losses (reduction="none") would need the logits recomputed in backward,
+    and before liger-kernel 0.8.2 their gradient is silently wrong (a per-token upstream gradient read as one
+    scalar); a "sum" call makes its gradient in the forward, like `_FusedLinearCE`. Its loss includes the z-loss
+    (lse_square_scale), which `return_z_loss` hands back to subtract for the CE statistics."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    def kind_sums(kind: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss sum with its z-loss and gradient, detached CE sum, argmax per target) over the targets `kind`."""
+        targets = labels[kind]
+        if not targets.numel():  # known on the host: indexing by a mask already synchronised
+            zero = hidden.new_zeros((), dtype=torch.float32)
+            return zero, zero, targets
+        out = liger_fused_linear_cross_entropy(
+            hidden[kind], weight, targets, lse_square_scale=z_loss, reduction="sum", return_z_loss=bool(z_loss),
+            accum_dtype=torch.float32, return_predicted_tokens=True)  # fp32 lm_head gradient, as the chunked path
+        return out.loss, out.loss.detach() - (out.z_loss.float() if z_loss else 0.0), out.predicted_tokens
+
+    is_pad = labels == pad_id
+    pad_loss, pad_ce, _ = kind_sums(is_pad)
+    text_loss, text_ce, predicted = kind_sums(~is_pad)
+    return (pad_weight * pad_loss + text_weight * text_loss, pad_ce, text_ce,
+            (predicted == labels[~is_pad]).sum().float(), (predicted == pad_id).sum().float())
+
+
+def _cce_sums(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+              pad_id: int) -> tuple[torch.Tensor, ...]:
+    """The five sums of `_chunk_sums` from Apple's cut-cross-entropy (per-token CE, reduction="none", weighted here).
+
+    It gives up: z-loss (no such term in the PyPI release; the settings refuse z_loss > 0 with it), text_correct
+    and text_as_pad (it computes no argmax: NaN, so training logs text_accuracy / text_predicted_as_pad as nan;
+    eval runs the chunked path and measures them), and exact gradients (it skips softmax entries below its
+    filter_eps threshold in backward, the library's default trade of precision for speed)."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    if torch.is_autocast_enabled(hidden.device.type):  # its kernels do not autocast: the matmul dtype F.linear uses
+        hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
+    ce = linear_cross_entropy(hidden, weight, labels, reduction="none").float()
+    is_pad = labels == pad_id
+    unmeasured = ce.new_full((), math.nan)
+    with torch.no_grad():
+        pad_ce, text_ce = (ce * is_pad).sum(), (ce * ~is_pad).sum()
+    return (weights * ce).sum(), pad_ce, text_ce, unmeasured, unmeasured
+
+
 def streaming_loss_sums(hidden: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
                         pad_id: int, *, pad_weight: float, text_weight: float, z_loss: float = 0.0,
-                        chunk_positions: int = 1024, min_chunks: int = 0, fused: bool = True) -> LossSums:
+                        chunk_positions: int = 1024, min_chunks: int = 0, fused: bool = True,
+                        backend: str = CHUNKED) -> LossSums:
     """Loss sums of a micro-batch from the final hidden states [B, P, D] and labels [B, P] (already shifted:
     position p is scored against labels[p]). `project` maps [n, D] -> [n, V] (the tied lm_head).
     `min_chunks` pads with empty chunks: under ZeRO-3 every rank must call `project` equally often.
     `fused`: when training and `project` allows it (`fusable`), `_FusedLinearCE` (the same sums, no lm_head
-    recompute in backward); otherwise each chunk runs under activation checkpointing."""
+    recompute in backward); otherwise each chunk runs under activation checkpointing.
+    `backend`: when training, one of `LOSS_BACKENDS` instead (`project` must be `fusable`, `min_chunks` 0)."""
     weights = target_weights(labels, pad_id, pad_weight, text_weight)
     scored = labels != IGNORE_INDEX
     flat_hidden = hidden[scored]  # [n, D]: only positions that are scored ever meet the vocabulary
     flat_labels = labels[scored]
     flat_weights = weights[scored]
-    if fused and torch.is_grad_enabled() and fusable(project) and not min_chunks:
+    if backend != CHUNKED and torch.is_grad_enabled():
+        if not fusable(project) or min_chunks:
+            raise ValueError(f"train.loss_backend={backend} needs the lm_head as one bias-free nn.Linear whose "
+                             f"weight is whole (not ZeRO-3 partitioned): use train.loss_backend={CHUNKED}")
+        if backend == "cut_cross_entropy" and z_loss:  # `config.value_problems` refuses this combination first
+            raise ValueError(f"train.loss_backend={backend} has no z-loss term: train.z_loss must be 0")
+        if backend == "liger":
+            weighted, pad_ce, text_ce, correct, as_pad = _liger_sums(
+                flat_hidden, project.weight, flat_labels, pad_id, pad_weight, text_weight, z_loss)
+        else:
+            weighted, pad_ce, text_ce, correct, as_pad = _cce_sums(
+                flat_hidden, project.weight, flat_labels, flat_weights, pad_id)
+    elif fused and torch.is_grad_enabled() and fusable(project) and not min_chunks:
         weighted, pad_ce, text_ce, correct, as_pad = _FusedLinearCE.apply(
             flat_hidden, project.weight, flat_labels, flat_weights, pad_id, z_loss, chunk_positions)
     else:

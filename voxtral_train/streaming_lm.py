@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from peft import PeftModel
 
-from voxtral_train.loss import streaming_loss_sums
+from voxtral_train.config import ConfigError
+from voxtral_train.loss import CHUNKED, backend_problems, streaming_loss_sums
 
 
 def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
@@ -24,13 +25,18 @@ class StreamingLM(torch.nn.Module):
     (weighted loss sum, detached statistics vector `voxtral_train.loss.STAT_NAMES`)."""
 
     def __init__(self, model: torch.nn.Module, pad_id: int, *, pad_weight: float = 1.0, text_weight: float = 1.0,
-                 z_loss: float = 0.0, chunk_positions: int = 1024, fused_loss: bool = True):
+                 z_loss: float = 0.0, chunk_positions: int = 1024, fused_loss: bool = True,
+                 loss_backend: str = CHUNKED):
         super().__init__()
+        problems = backend_problems(loss_backend)  # before any step: a missing package or GPU is one line each
+        if problems:
+            raise ConfigError(problems)
         self.model = model
         self.pad_id = pad_id
         self.pad_weight, self.text_weight, self.z_loss = pad_weight, text_weight, z_loss
         self.chunk_positions = chunk_positions
         self.fused_loss = fused_loss  # logit gradients made in the loss forward (voxtral_train.loss._FusedLinearCE)
+        self.loss_backend = loss_backend  # train.loss_backend: an optional fused kernel library for training steps
 
     @property
     def base(self) -> torch.nn.Module:
@@ -50,5 +56,6 @@ class StreamingLM(torch.nn.Module):
         ).last_hidden_state
         sums = streaming_loss_sums(hidden, base.lm_head, labels, self.pad_id, pad_weight=self.pad_weight,
                                    text_weight=self.text_weight, z_loss=self.z_loss,
-                                   chunk_positions=self.chunk_positions, min_chunks=min_chunks, fused=self.fused_loss)
+                                   chunk_positions=self.chunk_positions, min_chunks=min_chunks, fused=self.fused_loss,
+                                   backend=self.loss_backend)
         return sums.weighted, sums.stats()

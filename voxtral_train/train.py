@@ -138,8 +138,8 @@ def _train(settings: Settings, checked: CheckedRun, accelerator: Accelerator, ru
     optimizer = build_optimizer(settings.optim, model)
     scheduler = build_scheduler(optimizer, warmup_steps=t.warmup_steps, total_steps=t.max_steps, kind=t.schedule,
                                 min_lr_ratio=t.min_lr_ratio)
-    lm = StreamingLM(model, tokenizer.ids.streaming_pad, pad_weight=t.pad_loss_weight,
-                     text_weight=t.text_loss_weight, z_loss=t.z_loss, chunk_positions=t.loss_chunk_positions)
+    lm = StreamingLM(model, tokenizer.ids.streaming_pad, pad_weight=t.pad_loss_weight, text_weight=t.text_loss_weight,
+                     z_loss=t.z_loss, chunk_positions=t.loss_chunk_positions, loss_backend=t.loss_backend)
     wrapped, optimizer, scheduler = accelerator.prepare(lm, optimizer, scheduler)
     writer = RunWriter(accelerator, wrapped, tokenizer, settings, run_dir)
 
