@@ -101,3 +101,25 @@ def test_zero3_resume_matches_an_unbroken_run(tmp_path):
     unbroken, resumed = _train_losses(tmp_path / "unbroken"), _train_losses(tmp_path / "resumed")
     assert len(unbroken) == len(resumed) == 4
     assert resumed == pytest.approx(unbroken, abs=1e-5, rel=0)
+
+
+def test_two_processes_stream_their_own_shards(tmp_path):
+    """DDP over a shard corpus of an odd number of shards: each rank reads floor(7 / 2) = 3 shards an epoch, both
+    serve the same number of batches, and 10 steps run through several epochs to equal weights on both ranks."""
+    from voxtral_train.manifest import read_manifest
+    from voxtral_train.shard_stream import plan_epoch
+    from voxtral_train.shards import ShardIndex, write_shards
+
+    write_shards(read_manifest("bundled:train")[:25], tmp_path / "corpus", shard_bytes=100_000, seed=0)
+    index = ShardIndex.open(tmp_path / "corpus")
+    assert len(index.names) % 2 == 1
+    lengths = index.samples // 1280 + 20
+    plans = [plan_epoch(index, lengths, 0, 0, 2, rank, 1, 2, 300) for rank in (0, 1)]
+    assert len(plans[0].served) == len(plans[1].served) < 10  # several epochs in 10 steps
+    launch_two(tmp_path, "none", "train.name=run", f"data.train_manifest={tmp_path / 'corpus'}", "train.max_steps=10",
+               "data.num_workers=1")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (ranks,) = [row for row in rows if row["split"] == "ranks"]
+    assert ranks["world_size"] == 2 and len(set(ranks["parameter_checksums"])) == 1, ranks
+    losses = _train_losses(tmp_path / "run")
+    assert len(losses) == 10 and losses[-1] < losses[0]
