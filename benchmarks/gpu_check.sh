@@ -11,6 +11,7 @@
 #   eager  + fused loss            item 5 (logit gradient in the loss forward)
 #   compiled (dynamic) + fused     item 2 (compile_layers, dynamic=True): its compiled-layer counters are printed
 #   compiled + fused + window blocks  item 4 (encoder attention by window blocks; matters for the 20 and 30 s shapes)
+#   compiled + liger / cut_cross_entropy  train.loss_backend, only if that optional package is installed
 # Trimming after EOS (item 3) removes 1-10 positions per clip in the data and is exact; it is not a kernel change,
 # so it is not timed here (random batches).
 set -euo pipefail
@@ -33,6 +34,14 @@ run eager_checkpointed_loss --checkpointed-loss
 run eager_fused_loss
 run compiled_fused_loss --compile
 run compiled_fused_loss_window_blocks --compile --window-blocks
+# Item 5's optional backends (train.loss_backend), only where their package is installed (never required).
+LABELS="eager_checkpointed_loss eager_fused_loss compiled_fused_loss compiled_fused_loss_window_blocks"
+for backend in liger:liger_kernel cut_cross_entropy:cut_cross_entropy; do
+  if python -c "import ${backend#*:}" 2>/dev/null; then
+    run "compiled_${backend%%:*}" --compile --loss-backend "${backend%%:*}"
+    LABELS="$LABELS compiled_${backend%%:*}"
+  fi
+done
 
 # A profile of the compiled step on the same shapes: the top kernels by CUDA time.
 timeout 150 python - "$SHAPES" > "$OUT/profile.txt" 2>&1 <<'EOF' || echo "profile failed (see $OUT/profile.txt)"
@@ -72,7 +81,7 @@ EOF
 {
   echo "| row (\`benchmarks/gpu_check.sh\`, shapes $SHAPES s, bf16 LoRA r16) | positions/s | real audio-s/s | MFU | HFU | peak GiB |"
   echo "|---|---|---|---|---|---|"
-  for label in eager_checkpointed_loss eager_fused_loss compiled_fused_loss compiled_fused_loss_window_blocks; do
+  for label in $LABELS; do
     line=$(grep -E '^lora +sdpa' "$OUT/$label.txt" | head -1 || true)
     if [ -z "$line" ]; then echo "| $label | failed | | | | |"; continue; fi
     echo "$line" | awk -v label="$label" '{

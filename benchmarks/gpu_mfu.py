@@ -164,7 +164,7 @@ def run_mode(model, mode: str, kernels: list[str], args, device: torch.device, d
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         lm = StreamingLM(model, pad_id=0, chunk_positions=CHUNK_POSITIONS,  # random labels: every target weighs 1
-                         fused_loss=not args.checkpointed_loss)
+                         fused_loss=not args.checkpointed_loss, loss_backend=args.loss_backend)
         seconds = time_steps(lm, optimizer, batches, args.warmup, args.steps, device)
         rate = timed_positions / seconds
         results.append(Result(
@@ -221,6 +221,8 @@ def parse_args(argv: list[str] | None):
                         help="encoder attention by window blocks (model.encoder_attention=window_blocks)")
     parser.add_argument("--checkpointed-loss", action="store_true",
                         help="loss chunks under checkpointing (recompute the lm_head) instead of the fused chunk step")
+    parser.add_argument("--loss-backend", choices=["chunked", "liger", "cut_cross_entropy"], default="chunked",
+                        help="train.loss_backend: an optional fused-loss package, when installed")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense FLOP/s of the device, in TFLOP/s")
     return parser.parse_args(argv)
 
