@@ -177,12 +177,12 @@ def test_a_tampered_index_is_refused(corpus, tmp_path):
 def test_preflight_refuses_settings_a_shard_corpus_cannot_serve(corpus):
     settings = compose_settings(["+experiment=tiny_demo", f"data.train_manifest={corpus}", "data.stream_seconds=20",
                                  "data.pcm16=false", "data.max_seconds=1", f"data.eval_manifest={corpus}",
-                                 "data.max_positions_per_batch=50"])
+                                 "data.max_positions_per_batch=50", "data.final_eval_split=train"])
     with pytest.raises(PreflightError) as err:
         check_run(settings)
     message = str(err.value)
     for expected in ("data.stream_seconds=20", "data.pcm16=false", "> data.max_seconds=1",
-                     "data.eval_manifest=", "data.max_positions_per_batch"):
+                     "data.eval_manifest=", "data.max_positions_per_batch", "data.final_eval_split=train"):
         assert expected in message, expected
 
 

@@ -242,8 +242,12 @@ def settings_warnings(settings: Settings) -> list[str]:
 def check_run(settings: Settings) -> CheckedRun:
     """Every manifest of the run checked (headers read, nothing decoded); raises PreflightError listing all problems."""
     data = settings.data
-    check = check_shards if is_shard_folder(data.train_manifest) else check_manifest
-    train, problems, notes = check("data.train_manifest", data.train_manifest, data)
+    sharded = is_shard_folder(data.train_manifest)
+    train, problems, notes = (check_shards if sharded else check_manifest)("data.train_manifest",
+                                                                          data.train_manifest, data)
+    if sharded and data.final_eval_split == "train":
+        problems.append("data.final_eval_split=train decodes the training manifest's clips, which a shard folder "
+                        "does not hold as files: set data.final_eval_split=eval (or none)")
     held_out = None
     if data.eval_manifest is not None and is_shard_folder(data.eval_manifest):
         problems.append(f"data.eval_manifest={data.eval_manifest} is a shard folder: held-out decoding reads a JSONL "
