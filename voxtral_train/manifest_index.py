@@ -26,6 +26,7 @@ import json
 import mmap
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Sequence, overload
 
@@ -162,30 +163,41 @@ def _parse(line: bytes, base: Path, where: str) -> Utterance:
 
 
 def _scan(buffer: mmap.mmap | bytes, path: Path) -> _Rows:
-    """Find every non-blank line and its seconds, chunk by chunk of whole lines."""
-    size, position, lineno = len(buffer), 0, 0
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    """Find every non-blank line and its seconds, chunk by chunk of whole lines, the chunks on all cores (numpy lets
+    go of the GIL for its passes over the bytes)."""
+    bounds, position, size = [], 0, len(buffer)
     while position < size:
         end = min(size, position + CHUNK_BYTES)
         if end < size:  # end the chunk after its last newline (or after the first one, for a line longer than it)
             newline = buffer.rfind(b"\n", position, end)
             newline = newline if newline != -1 else buffer.find(b"\n", end)
             end = size if newline == -1 else newline + 1
-        chunk = np.frombuffer(buffer, np.uint8, count=end - position, offset=position)
-        starts, lengths, linenos = _lines(chunk, buffer, position, lineno)
-        lineno += int(np.count_nonzero(chunk == _NEWLINE)) + (chunk[-1] != _NEWLINE)
-        seconds, unsure = _seconds(chunk, starts, lengths)
-        for row in np.flatnonzero(unsure):
-            seconds[row] = _seconds_by_json(buffer, position + int(starts[row]), int(lengths[row]), path,
-                                            int(linenos[row]))
-        parts.append((starts + position, lengths, linenos, seconds))
+        bounds.append((position, end))
         position = end
-    if not parts:
+    if not bounds:
         empty = np.zeros(0, np.int64)
         return _Rows(empty, empty.astype(np.int32), None, empty.astype(np.float64))
-    starts, lengths, linenos, seconds = (np.concatenate(column) for column in zip(*parts))
+    with ThreadPoolExecutor(max(1, min(len(bounds), len(os.sched_getaffinity(0))))) as pool:
+        parts = list(pool.map(lambda bound: _scan_chunk(buffer, path, *bound), bounds))
+    lines_before = np.cumsum([0] + [lines for *_, lines in parts[:-1]])  # line numbers continue across chunks
+    starts, lengths, linenos, seconds = (np.concatenate(column) for column in zip(*[
+        (starts, lengths, linenos + before, seconds) for (starts, lengths, linenos, seconds, _), before
+        in zip(parts, lines_before.tolist())]))
     dense = bool(np.array_equal(linenos, np.arange(1, len(linenos) + 1)))
     return _Rows(starts.astype(np.int64), lengths.astype(np.int32), None if dense else linenos, seconds)
+
+
+def _scan_chunk(buffer: mmap.mmap | bytes, path: Path, position: int,
+                end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """(starts in the file, lengths, line numbers counted from the chunk's start, seconds, lines) of a chunk."""
+    chunk = np.frombuffer(buffer, np.uint8, count=end - position, offset=position)
+    starts, lengths, linenos = _lines(chunk, buffer, position, 0)
+    lines = int(np.count_nonzero(chunk == _NEWLINE)) + int(chunk[-1] != _NEWLINE)
+    seconds, unsure = _seconds(chunk, starts, lengths)
+    for row in np.flatnonzero(unsure):  # the line number only names the row in a message json's path swallows
+        seconds[row] = _seconds_by_json(buffer, position + int(starts[row]), int(lengths[row]), path,
+                                        int(linenos[row]))
+    return starts + position, lengths, linenos, seconds, lines
 
 
 def _lines(chunk: np.ndarray, buffer: mmap.mmap | bytes, offset: int,
@@ -206,7 +218,7 @@ def _lines(chunk: np.ndarray, buffer: mmap.mmap | bytes, offset: int,
 
 
 def _top_level(chunk: np.ndarray, starts: np.ndarray,
-               lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               lengths: np.ndarray) -> tuple[np.ndarray, "_Segments", np.ndarray]:
     """(the chunk's bytes at depth <= 1 of their row, where they were, rows the scan cannot vouch for).
 
     Depth counts the brackets outside strings from the row's start; a row with an escaped quote (strings cannot be
@@ -232,23 +244,44 @@ def _top_level(chunk: np.ndarray, starts: np.ndarray,
     signs = codes[outside].astype(np.int32)
     balance = np.bincount(rows, weights=signs, minlength=len(starts)).astype(np.int32)
     unsure |= balance != 0
-    delta = np.zeros(len(chunk) + 1, np.int32)
-    delta[brackets] = signs
-    delta[ends] -= balance  # `ends` is the newline (or the chunk's end): no bracket there
-    kept = np.flatnonzero(np.cumsum(delta[:-1], dtype=np.int32) <= 1)  # depth 0 keeps the rows apart
-    return chunk[kept], kept, unsure
+    # Depth is constant between events (a bracket, or a row's end resetting an unbalanced row): one segment each.
+    # Segment k starts at events[k] (the first at 0) and has the depth after that event; depth 0 keeps rows apart.
+    reset = np.flatnonzero(balance)
+    events = np.concatenate([brackets, ends[reset]])  # `ends` is the newline (or the chunk's end): no bracket there
+    changes = np.concatenate([signs, -balance[reset]])
+    order = np.argsort(events, kind="stable")
+    events, changes = events[order], changes[order]
+    seg_starts = np.concatenate([[0], events])
+    seg_lengths = np.diff(np.concatenate([seg_starts, [len(chunk)]]))
+    keep = np.concatenate([[True], np.cumsum(changes, dtype=np.int32) <= 1]) & (seg_lengths > 0)
+    flat = chunk[np.repeat(keep, seg_lengths)]
+    kept_starts = seg_starts[keep]  # where each kept segment starts in the chunk, and in `flat`
+    flat_starts = np.cumsum(seg_lengths[keep]) - seg_lengths[keep]
+    return flat, _Segments(kept_starts, flat_starts), unsure
+
+
+@dataclasses.dataclass
+class _Segments:
+    """Where the bytes of `flat` (the top-level bytes of a chunk, in order) came from."""
+
+    chunk_starts: np.ndarray
+    flat_starts: np.ndarray
+
+    def in_chunk(self, flat_positions: np.ndarray) -> np.ndarray:
+        k = np.searchsorted(self.flat_starts, flat_positions, side="right") - 1
+        return self.chunk_starts[k] + (flat_positions - self.flat_starts[k])
 
 
 def _seconds(chunk: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(`known_seconds` of each row from its top-level keys, NaN where they do not say; rows to read with json)."""
-    flat, kept, unsure = _top_level(chunk, starts, lengths)
+    flat, segments, unsure = _top_level(chunk, starts, lengths)
     escaped = [m.start() for m in _ESCAPED_KEY.finditer(flat)]
-    unsure[np.searchsorted(starts, kept[np.asarray(escaped, np.int64)], side="right") - 1] = True
+    unsure[np.searchsorted(starts, segments.in_chunk(np.asarray(escaped, np.int64)), side="right") - 1] = True
     values = np.full((len(_SECONDS_KEYS), len(starts)), np.nan)
     matches = [(m.start(), _SECONDS_KEYS.index(m[1]), m[2]) for m in _KEY_VALUE.finditer(flat)]
     if matches:
         positions, keys, raw = zip(*matches)
-        rows = np.searchsorted(starts, kept[np.asarray(positions, np.int64)], side="right") - 1
+        rows = np.searchsorted(starts, segments.in_chunk(np.asarray(positions, np.int64)), side="right") - 1
         keys = np.asarray(keys)
         # No value: a string, a boolean, a container, NaN...: json.loads says what it is.
         unsure[rows[np.fromiter((v is None for v in raw), bool, len(raw))]] = True
