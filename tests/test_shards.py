@@ -161,6 +161,12 @@ def test_a_damaged_shard_skips_its_rows_and_names_it(corpus, tokenizer, tmp_path
     assert len(problems) == 1 and f"{index.names[1]} (3000 bytes, the index says {index.sizes[1]})" in problems[0]
 
 
+def test_fewer_shards_than_processes_is_refused_with_the_fix(corpus, tokenizer):
+    index = ShardIndex.open(corpus)
+    with pytest.raises(ShardError, match="shards for 64 processes.*--shard-mb"):
+        ShardStream(index, tokenizer, DELAYS, max_positions=BUDGET, num_replicas=64, rank=0)
+
+
 def test_a_tampered_index_is_refused(corpus, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(corpus, copy)

@@ -37,9 +37,11 @@ from voxtral_train.distributed import LaunchError
 from voxtral_train.preflight import PreflightError, UnreadableData
 from voxtral_train.resume_diff import ResumeRefused
 from voxtral_train.run_lock import RunLocked
+from voxtral_train.shards import ShardError
 
 EXIT_USAGE, EXIT_STOPPED, EXIT_SAVE_FAILED, EXIT_COLLECTIVE, EXIT_INTERRUPTED, EXIT_ABORTED = 2, 3, 4, 5, 75, 130
-USAGE_ERRORS = (ConfigError, LaunchError, CheckpointError, RunLocked, ResumeRefused, PreflightError, UnreadableData)
+USAGE_ERRORS = (ConfigError, LaunchError, CheckpointError, RunLocked, ResumeRefused, PreflightError, UnreadableData,
+                ShardError)
 
 
 def _remove_if_empty(run_dir: Path) -> None:
