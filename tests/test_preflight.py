@@ -93,6 +93,34 @@ def test_every_problem_of_a_manifest_at_once_with_line_numbers(tmp_path):
     assert "none of" not in message
 
 
+def test_a_long_manifest_checked_on_several_processes_says_the_same(tmp_path, monkeypatch):
+    """Past PARALLEL_ROWS rows the check runs in chunks on forked processes: the same problems (counts, the first
+    examples in row order), notes, durations and longest item as one process."""
+    from voxtral_train import preflight
+
+    audio, long = wav(tmp_path / "a.wav"), wav(tmp_path / "long.wav", 4.0)
+    rows = []
+    for i in range(240):
+        kind = i % 7
+        rows.append("{broken" if kind == 1 else
+                    {"id": f"r{i}", "audio": str(tmp_path / "gone.wav"), "text": "x"} if kind == 2 else
+                    {"id": f"r{i}", "audio": audio, "text": "one two"} if kind == 3 else
+                    {"id": f"r{i}", "audio": long, "text": "one two", "words": WORDS + [
+                        {"word": "three", "start": 3.0, "end": 3.8}]} if kind == 4 else
+                    {"id": f"r{i}", "audio": audio, "text": "one two", "words": WORDS, "offset": i / 1000})
+    path = manifest(tmp_path / "m.jsonl", rows)
+    one = check_manifest("data.train_manifest", path, settings_for(path, max_seconds=2.0).data)
+    monkeypatch.setattr(preflight, "PARALLEL_ROWS", 10)
+    monkeypatch.setattr(preflight.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    forked = []
+    real_check_rows = preflight._check_rows
+    monkeypatch.setattr(preflight, "_check_rows", lambda *a: forked.append(a[1]) or real_check_rows(*a))
+    many = check_manifest("data.train_manifest", path, settings_for(path, max_seconds=2.0).data)
+    assert forked == []  # every chunk ran in a forked process (this process's patched function never did)
+    assert many[1] == one[1] and many[2] == one[2] and len(one[1]) >= 4 and one[2]
+    assert np.array_equal(many[0].seconds, one[0].seconds, equal_nan=True)
+
+
 @pytest.mark.parametrize("case", ["missing", "folder", "empty", "all_bad"])
 def test_manifest_level_problems(tmp_path, case):
     path = tmp_path / "m.jsonl"

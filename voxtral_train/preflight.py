@@ -1,7 +1,8 @@
 """Pre-flight: everything about the data and the settings that can be known before the model loads, said at once.
 
 `check_run(settings)` reads every manifest row (one at a time, through `ManifestIndex`, so a 5 M-row manifest costs
-its index and not its rows) and every audio file's header (no decoding), or a shard corpus's index (`check_shards`:
+its index and not its rows; in chunks on forked processes from PARALLEL_ROWS rows) and every audio file's header (no
+decoding), or a shard corpus's index (`check_shards`:
 its rows were checked when it was written), and refuses the run with
 one `PreflightError` listing every problem: a missing, empty or malformed manifest, rows whose audio is missing or
 not audio, rows without word timings (with the `voxtral-prep` command that gives them some), segments outside their
@@ -14,8 +15,12 @@ their batch comes up. It also returns the warnings worth printing (settings that
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import multiprocessing
+import os
 from collections import OrderedDict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,7 +108,8 @@ def check_manifest(key: str, spec: str, data: DataSettings) -> tuple[ManifestInd
     """(the rows with their durations, problems, notes) of the manifest `spec` given as setting `key`.
 
     The rows are the lazy index of the whole manifest (`ManifestIndex.with_seconds`): when there are problems the
-    run is refused, so no caller trains on a manifest with rows left out. One row is held at a time."""
+    run is refused, so no caller trains on a manifest with rows left out. One row per checking process is held at a
+    time."""
     path = manifest_path(spec)
     if path.is_dir():
         inside = path / "manifest.jsonl"
@@ -112,43 +118,10 @@ def check_manifest(key: str, spec: str, data: DataSettings) -> tuple[ManifestInd
     if not path.is_file():
         return None, [f"{key}={spec}: no such file (voxtral-prep writes one: voxtral-prep folder CLIPS/ --out DIR "
                       f"makes DIR/manifest.jsonl)"], []
-    malformed = _Problems("are not manifest rows")
-    unreadable = _Problems("have audio that cannot be read")
-    outside = _Problems("name a segment outside their audio file")
-    untimed = _Problems("have no word timings (the targets need them)")
-    uncuttable = _Problems(f"are longer than data.max_seconds={data.max_seconds:g} and cannot be cut at word "
-                           "boundaries (raise data.max_seconds, or cut those recordings)")
     index = ManifestIndex(path)
-    seconds_of = np.full(len(index), np.nan)
-    headers = _Headers()
-    longest: tuple[float, str] | None = None  # of the training items (rows, or their segments)
-    n_good = n_items = n_cut = 0
-    for i in range(len(index)):
-        try:
-            utt = index[i]
-        except ManifestError as err:
-            malformed.add(f"line {index.line_number(i)}: " + str(err).removeprefix(f"{index.where(i)}: "))
-            continue
-        name = f"line {index.line_number(i)} ({utt.id})"
-        header = headers(utt.audio)
-        if isinstance(header, AudioError):
-            unreadable.add(f"{name}: {header.reason}: {header.message}")
-            continue
-        frames, sr = header
-        seconds = known_seconds(utt)
-        if seconds is None:  # the whole file, or from the offset to its end
-            seconds = frames / sr - (utt.offset or 0.0)
-        if seconds <= 0 or (utt.offset or 0.0) >= frames / sr:
-            outside.add(f"{name}: [{utt.offset}, {utt.end}) in a file of {frames / sr:.2f} s")
-            continue
-        if utt.words is None:
-            untimed.add(utt.id)
-        seconds_of[i], n_good = seconds, n_good + 1
-        items, cut = _items(dataclasses.replace(utt, duration=seconds), data.max_seconds, uncuttable)
-        n_items, n_cut = n_items + len(items), n_cut + cut
-        for item in items:
-            if longest is None or item.duration > longest[0]:
-                longest = (item.duration, item.id)
+    checked = _check_all(index, data.max_seconds)
+    malformed, unreadable, outside, untimed, uncuttable = checked.problems
+    n_good, n_items, n_cut, longest = checked.n_good, checked.n_items, checked.n_cut, checked.longest
     if len(index) == 0:
         return None, [f"{key}={spec} has no rows (if voxtral-prep wrote it, its rejects.jsonl says why each row was "
                       "rejected)"], []
@@ -162,7 +135,7 @@ def check_manifest(key: str, spec: str, data: DataSettings) -> tuple[ManifestInd
     problems += _budget_problems(longest, data)
     notes = [f"{key}: {n_cut} rows longer than data.max_seconds={data.max_seconds:g} are cut at word boundaries "
              f"({n_items} items in all)"] if n_cut else []
-    return index.with_seconds(seconds_of), problems, notes
+    return index.with_seconds(checked.seconds), problems, notes
 
 
 def check_shards(key: str, spec: str, data: DataSettings) -> tuple[ShardIndex | None, list[str], list[str]]:
@@ -199,6 +172,95 @@ def check_shards(key: str, spec: str, data: DataSettings) -> tuple[ShardIndex | 
     notes = [f"{key}: {len(index)} rows ({float(index.seconds.sum()) / 3600:.1f} h) in {len(index.names)} shards"
              f"{where}, streamed in windows of {data.shards_per_window} shards"]
     return index, problems, notes
+
+
+PARALLEL_ROWS = 50_000  # manifests this long are checked in chunks on all cores (parsing + headers: ~50 us a row)
+
+
+@dataclass
+class _Checked:
+    """What the check of a run of rows found; runs of consecutive rows merge in order (`merge`)."""
+
+    seconds: np.ndarray  # per row, NaN where the row cannot train
+    problems: tuple[_Problems, ...]  # malformed, unreadable, outside, untimed, uncuttable
+    n_good: int = 0
+    n_items: int = 0
+    n_cut: int = 0
+    longest: tuple[float, str] | None = None  # of the training items (rows, or their segments)
+
+    def merge(self, later: "_Checked") -> "_Checked":
+        for mine, theirs in zip(self.problems, later.problems):
+            mine.count += theirs.count
+            mine.examples = (mine.examples + theirs.examples)[:EXAMPLES]
+        longest = self.longest if later.longest is None or (
+            self.longest is not None and self.longest[0] >= later.longest[0]) else later.longest
+        return _Checked(np.concatenate([self.seconds, later.seconds]), self.problems, self.n_good + later.n_good,
+                        self.n_items + later.n_items, self.n_cut + later.n_cut, longest)
+
+
+def _check_rows(index: ManifestIndex, first: int, stop: int, max_seconds: float) -> _Checked:
+    """Rows [first, stop) of `index`: parsed, their audio headers read (nothing decoded), their items made."""
+    malformed = _Problems("are not manifest rows")
+    unreadable = _Problems("have audio that cannot be read")
+    outside = _Problems("name a segment outside their audio file")
+    untimed = _Problems("have no word timings (the targets need them)")
+    uncuttable = _Problems(f"are longer than data.max_seconds={max_seconds:g} and cannot be cut at word "
+                           "boundaries (raise data.max_seconds, or cut those recordings)")
+    checked = _Checked(np.full(stop - first, np.nan), (malformed, unreadable, outside, untimed, uncuttable))
+    headers = _Headers()
+    for i in range(first, stop):
+        try:
+            utt = index[i]
+        except ManifestError as err:
+            malformed.add(f"line {index.line_number(i)}: " + str(err).removeprefix(f"{index.where(i)}: "))
+            continue
+        name = f"line {index.line_number(i)} ({utt.id})"
+        header = headers(utt.audio)
+        if isinstance(header, AudioError):
+            unreadable.add(f"{name}: {header.reason}: {header.message}")
+            continue
+        frames, sr = header
+        seconds = known_seconds(utt)
+        if seconds is None:  # the whole file, or from the offset to its end
+            seconds = frames / sr - (utt.offset or 0.0)
+        if seconds <= 0 or (utt.offset or 0.0) >= frames / sr:
+            outside.add(f"{name}: [{utt.offset}, {utt.end}) in a file of {frames / sr:.2f} s")
+            continue
+        if utt.words is None:
+            untimed.add(utt.id)
+        checked.seconds[i - first], checked.n_good = seconds, checked.n_good + 1
+        items, cut = _items(dataclasses.replace(utt, duration=seconds), max_seconds, uncuttable)
+        checked.n_items, checked.n_cut = checked.n_items + len(items), checked.n_cut + cut
+        for item in items:
+            if checked.longest is None or item.duration > checked.longest[0]:
+                checked.longest = (item.duration, item.id)
+    return checked
+
+
+_FORKED: ManifestIndex | None = None  # the index a forked checking process inherited (`_check_all`)
+
+
+def _inherit(index: ManifestIndex) -> None:
+    global _FORKED
+    _FORKED = index
+
+
+def _check_chunk(first: int, stop: int, max_seconds: float) -> _Checked:
+    return _check_rows(_FORKED, first, stop, max_seconds)
+
+
+def _check_all(index: ManifestIndex, max_seconds: float) -> _Checked:
+    """Every row of `index`; when there are many, in chunks on this process's share of the cores. The checking
+    processes are forked with the index (its mapping and arrays inherited, never pickled); a chunk sends back its
+    result only: NaN-or-seconds per row, counts, a few examples."""
+    processes = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if len(index) < PARALLEL_ROWS or processes == 1:
+        return _check_rows(index, 0, len(index), max_seconds)
+    bounds = np.linspace(0, len(index), 4 * processes + 1).astype(int).tolist()  # a few chunks per process
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"), initializer=_inherit,
+                             initargs=(index,)) as pool:
+        parts = pool.map(_check_chunk, bounds[:-1], bounds[1:], [max_seconds] * (len(bounds) - 1))
+        return functools.reduce(_Checked.merge, parts)
 
 
 def _items(utt: Utterance, max_seconds: float, uncuttable: _Problems) -> tuple[list[Utterance], bool]:
