@@ -135,6 +135,19 @@ def test_a_resumed_stream_serves_the_rest_of_the_epoch(corpus, tokenizer):
         assert torch.equal(rest[0]["input_features"], whole[skip]["input_features"])
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on 2 cores, on purpose
+def test_every_resume_point_with_three_workers_keeps_the_order(corpus, tokenizer):
+    """Three workers over uneven windows (some run out before others): from every position, the resumed stream's
+    batches are the unbroken stream's tail, in order."""
+    whole = served(stream(corpus, tokenizer, num_workers=3, shards_per_window=1))
+    workers = stream(corpus, tokenizer, num_workers=3, shards_per_window=1).plan(0).served[:, 0].tolist()
+    assert len(set(workers)) == 3 and len({workers.count(w) for w in range(3)}) > 1  # uneven: some run out first
+    for skip in range(1, len(whole)):
+        s = stream(corpus, tokenizer, num_workers=3, shards_per_window=1)
+        s.skip_batches(skip)
+        assert [b["ids"] for b in served(s)] == [b["ids"] for b in whole[skip:]], skip
+
+
 def test_a_pipe_url_streams_the_same_batches(corpus, tokenizer):
     """What object storage looks like to the reader: each shard is a command's standard output (a real process)."""
     local = served(stream(corpus, tokenizer, num_workers=0))
