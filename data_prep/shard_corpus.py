@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.shard_mb <= 0 or args.max_seconds <= 0 or args.workers < 1:
         print("voxtral-prep shards: --shard-mb and --max-seconds must be > 0, --workers >= 1", file=sys.stderr)
         return 2
+    if args.out.exists() and not args.out.is_dir():
+        print(f"voxtral-prep shards: --out {args.out} is a file: name a new folder", file=sys.stderr)
+        return 2
     # The budget check is training's business (it depends on the batch size it will run with): not refused here.
     data = dataclasses.replace(DataSettings(), max_seconds=args.max_seconds, max_positions_per_batch=sys.maxsize)
     index, problems, notes = check_manifest("manifest", args.manifest, data)
@@ -66,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"voxtral-prep shards: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk, a folder it may not write: the manifest and its audio are untouched
-        print(f"voxtral-prep shards: {err}; {args.out} is unfinished (no shards.json): delete it and write again",
-              file=sys.stderr)
+        unfinished = f"; {args.out} is unfinished (no shards.json): delete it and write again" \
+            if args.out.is_dir() and any(args.out.iterdir()) else ""
+        print(f"voxtral-prep shards: {err}{unfinished}", file=sys.stderr)
         return 2
     if written.rejects:
         with (args.out / "rejects.jsonl").open("w", encoding="utf-8") as f:

@@ -38,7 +38,6 @@ def tricky_lines() -> list[str]:
         '{"id": "m", "audio": "m.wav", "text": "x", "duration": 1, "duration": 4}',  # json.loads keeps the last
         '{"id":"n","audio":"n.wav","text":"x","end":6,"offset":0.5}\r',  # no spaces, a CRLF line end
         '  {"id" : "o" , "audio" : "o.wav" , "text" : "x" , "duration" : 2 }  ',
-        '{"id": "p", "audio": "p.wav", "text": "x", "duration": 2, "end": NaN}',
         '{"id": "q", "audio": "q.wav", "text": "\\\\", "duration": 1.25}',  # an escaped backslash before a quote
     ]
     rng = random.Random(0)
@@ -85,6 +84,8 @@ def test_no_trailing_newline_and_empty_files(tmp_path):
     ('{"id": "a", "audio": "a.wav", "text": "x", "duration": "3"}', ":3: key 'duration'"),
     ('{"id": "a", "audio": "a.wav", "text": "x", "duration": true}', ":3: key 'duration'"),
     ("{not json", ":3: invalid JSON"),
+    ('{"id": "p", "audio": "p.wav", "text": "x", "duration": 2, "end": NaN}', ":3: key 'end' must be a finite"),
+    ('{"id": "p", "audio": "p.wav", "text": "x", "duration": Infinity}', ":3: key 'duration' must be a finite"),
 ])
 def test_errors_name_the_same_line_and_key(tmp_path, line, message):
     path = write(tmp_path, ['{"id": "ok", "audio": "ok.wav", "text": "fine"}', "", line])

@@ -34,3 +34,11 @@ def test_lr_at_follows_the_config_schedule():
     assert lr_at(config, 4) == pytest.approx(5e-4)  # warmup: (4 + 1) / 10
     assert lr_at(config, 60) == pytest.approx(5e-4)  # half-way down the cosine
     assert lr_at(config, 60, lr_scale=0.5) == pytest.approx(2.5e-4)
+
+
+def test_a_shard_streams_window_cannot_change_on_resume():
+    """The epoch plan of a shard corpus buckets within windows of data.shards_per_window shards: another window
+    size would train some rows twice and skip others, so it is refused like another batch budget."""
+    diff = resume_diff(_config(), _config(data={"shards_per_window": 4, "shard_url": "pipe:cat /x/{name}"}), 1, 1)
+    assert [(key, outcome) for key, _, _, outcome in diff.rows] == [
+        ("data.shard_url", APPLIES), ("data.shards_per_window", INEXACT)]

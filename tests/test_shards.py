@@ -156,6 +156,46 @@ def test_a_pipe_url_streams_the_same_batches(corpus, tokenizer):
     assert all(torch.equal(a["input_features"], b["input_features"]) for a, b in zip(local, piped))
 
 
+def test_a_url_template_with_other_braces_and_a_wrong_one(corpus, tokenizer, tmp_path):
+    """Only {name} is replaced (a command's ${VAR} or JSON stays); a template that reaches no shard is refused by
+    the pre-flight check, before any model loads, naming the URL."""
+    braces = served(stream(corpus, tokenizer, num_workers=0, url=f'pipe:X=${{HOME}} cat {corpus}/{{name}} # {{"k": 1}}'))
+    assert sum(len(b["ids"]) for b in braces) == 24
+    data = DataSettings(shard_url=str(tmp_path / "elsewhere" / "{name}"))
+    _, problems, _ = check_shards("data.train_manifest", str(corpus), data)
+    assert len(problems) == 1 and "elsewhere/shard-000000.tar could not be read" in problems[0]
+    assert "No such file or directory" in problems[0] and "data.shard_url" in problems[0]
+
+
+def test_shards_of_another_write_are_not_taken_for_this_index(corpus, rows, tokenizer, tmp_path):
+    """data.shard_url at the shards of another run of voxtral-prep shards (same rows, another order): rows whose
+    audio is not the length the index says are skipped and named, never trained under another row's plan."""
+    write_shards(rows, tmp_path / "other", shard_bytes=120_000, seed=1)
+    batches = served(stream(corpus, tokenizer, url=f"{tmp_path / 'other'}/{{name}}"))
+    skipped = [why for b in batches for _, why in b["skipped"]]
+    assert len(skipped) + sum(len(b["ids"]) for b in batches) == 24
+    length = "not from the same voxtral-prep shards run"
+    cut_elsewhere = ("expected sample", "samples, the index says")  # its shards end at other rows, too
+    assert any(length in why for why in skipped)
+    assert all(length in why or any(c in why for c in cut_elsewhere) for why in skipped)
+    reference = StreamingDataset(rows, tokenizer, DELAYS, seed=3)
+    for batch in (b for b in batches if b["ids"]):  # what is served is what the index says (lengths that agree)
+        for uid, n in zip(batch["ids"], batch["n_positions"].tolist()):
+            assert n == reference[(0, [r.id for r in rows].index(uid))]["n_positions"]
+
+
+def test_more_processes_than_shards_and_an_unfinished_folder(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "64")
+    _, problems, _ = check_shards("data.train_manifest", str(corpus), DataSettings())
+    assert any("shards for 64 processes" in p and "--shard-mb" in p for p in problems)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "shard-000000.tar.tmp").write_bytes(b"")
+    settings = compose_settings(["+experiment=tiny_demo", f"data.train_manifest={unfinished}"])
+    with pytest.raises(PreflightError, match="did not finish; write it again"):
+        check_run(settings)
+
+
 def test_a_damaged_shard_skips_its_rows_and_names_it(corpus, tokenizer, tmp_path):
     damaged = tmp_path / "damaged"
     shutil.copytree(corpus, damaged)
@@ -252,6 +292,10 @@ def test_voxtral_prep_shards_checks_the_manifest_first(rows, tmp_path):
     assert "wrote 3 rows" in done.stdout and len(ShardIndex.open(tmp_path / "out")) == 3
     again = prep(str(manifest), "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert again.returncode == 2 and "is not empty" in again.stderr and "Traceback" not in again.stderr
+    (tmp_path / "notes.txt").write_text("mine")
+    into_a_file = prep(str(manifest), "--out", str(tmp_path / "notes.txt"), cwd=tmp_path)
+    assert into_a_file.returncode == 2 and "is a file" in into_a_file.stderr and "delete" not in into_a_file.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 @pytest.fixture
@@ -268,9 +312,12 @@ RUN = ["+experiment=tiny_demo", "train.warmup_steps=2", "logging.progress_bar=fa
 
 
 def test_training_on_shards_resumes_exactly_across_an_epoch(corpus, tmp_path, fresh_accelerator_state):
-    """12 steps cross the epoch boundary (8 batches); cut at step 3 (worker 1's turn next, so the workers' parts
-    rotate) and resumed, the losses are the same."""
-    settings = [*RUN, f"data.train_manifest={corpus}", f"train.output_root={tmp_path}", "train.max_steps=12"]
+    """12 LoRA steps with dropout cross the epoch boundary (8 batches); cut at step 3 (worker 1's turn next, so the
+    workers' parts rotate) and resumed asking for 1 DataLoader worker (the run keeps its 2: the order depends on
+    them), the losses are the same. The dropout masks stay the same only if the new iterator leaves the global RNG
+    alone."""
+    settings = [*RUN, f"data.train_manifest={corpus}", f"train.output_root={tmp_path}", "train.max_steps=12",
+                "peft=lora", "peft.dropout=0.3"]
     unbroken = train(compose_settings([*settings, "train.name=unbroken"]))
     assert unbroken.final_step == 12 and unbroken.stopped is None
     plan = stream(corpus, StreamingTokenizer.tiny()).plan(0)
@@ -279,6 +326,6 @@ def test_training_on_shards_resumes_exactly_across_an_epoch(corpus, tmp_path, fr
     for late in ("step_000006", "step_000009", "step_000012"):
         shutil.rmtree(tmp_path / "resumed" / "checkpoints" / late)
     AcceleratorState._reset_state(True)
-    resumed = train(compose_settings([*settings, "train.name=resumed", "train.resume=latest"]))
+    resumed = train(compose_settings([*settings, "train.name=resumed", "train.resume=latest", "data.num_workers=1"]))
     assert resumed.final_step == 12 and len(resumed.losses) == 9
     assert resumed.losses == pytest.approx(unbroken.losses[3:], abs=1e-6, rel=0)

@@ -66,6 +66,7 @@ class TrainerState:
     nonfinite_events: int = 0
     lr_scale: float = 1.0
     skipped_items: int = 0  # items whose audio stopped reading during the run, all ranks, since step 0
+    shard_workers: int | None = None  # a shard corpus's DataLoader workers per process (its order depends on them)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -177,7 +177,7 @@ def _scan(buffer: mmap.mmap | bytes, path: Path) -> _Rows:
     if not bounds:
         empty = np.zeros(0, np.int64)
         return _Rows(empty, empty.astype(np.int32), None, empty.astype(np.float64))
-    with ThreadPoolExecutor(max(1, min(len(bounds), len(os.sched_getaffinity(0))))) as pool:
+    with ThreadPoolExecutor(min(len(bounds), cores_per_process())) as pool:
         parts = list(pool.map(lambda bound: _scan_chunk(buffer, path, *bound), bounds))
     lines_before = np.cumsum([0] + [lines for *_, lines in parts[:-1]])  # line numbers continue across chunks
     starts, lengths, linenos, seconds = (np.concatenate(column) for column in zip(*[
@@ -185,6 +185,11 @@ def _scan(buffer: mmap.mmap | bytes, path: Path) -> _Rows:
         in zip(parts, lines_before.tolist())]))
     dense = bool(np.array_equal(linenos, np.arange(1, len(linenos) + 1)))
     return _Rows(starts.astype(np.int64), lengths.astype(np.int32), None if dense else linenos, seconds)
+
+
+def cores_per_process() -> int:
+    """This process's share of the cores: all it may run on, divided among the training processes of its node."""
+    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def _scan_chunk(buffer: mmap.mmap | bytes, path: Path, position: int,

@@ -15,7 +15,6 @@ their batch comes up. It also returns the warnings worth printing (settings that
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import multiprocessing
 import os
@@ -31,8 +30,8 @@ from voxtral_train.audio import AudioError, audio_info
 from voxtral_train.checkpoint import CheckpointError, resolve_resume
 from voxtral_train.config import DataSettings, Settings
 from voxtral_train.manifest import ManifestError, Utterance, known_seconds, manifest_path, segment_utterance
-from voxtral_train.manifest_index import ManifestIndex
-from voxtral_train.shards import ShardError, ShardIndex, is_shard_folder
+from voxtral_train.manifest_index import ManifestIndex, cores_per_process
+from voxtral_train.shards import ShardError, ShardIndex, is_shard_folder, probe_shard
 
 EXAMPLES = 3  # rows named per kind of problem: enough to find the pattern, short enough to read
 
@@ -114,6 +113,8 @@ def check_manifest(key: str, spec: str, data: DataSettings) -> tuple[ManifestInd
     if path.is_dir():
         inside = path / "manifest.jsonl"
         hint = f": pass {key}={inside}" if inside.is_file() else ""
+        if not hint and any(path.glob("shard-*.tar*")):
+            hint = " (its shards have no shards.json: the voxtral-prep shards run that wrote them did not finish; write it again)"
         return None, [f"{key}={spec} is a folder, not a JSONL manifest{hint}"], []
     if not path.is_file():
         return None, [f"{key}={spec}: no such file (voxtral-prep writes one: voxtral-prep folder CLIPS/ --out DIR "
@@ -139,9 +140,10 @@ def check_manifest(key: str, spec: str, data: DataSettings) -> tuple[ManifestInd
 
 
 def check_shards(key: str, spec: str, data: DataSettings) -> tuple[ShardIndex | None, list[str], list[str]]:
-    """(the shard corpus's verified index, problems, notes) of `spec` given as setting `key`. Reads the index and
-    stats the local shards: every row was checked and timed when the corpus was written, and its length is in the
-    index, so no audio is opened here (what makes a 5 M-row corpus start in seconds)."""
+    """(the shard corpus's verified index, problems, notes) of `spec` given as setting `key`. Reads the index, stats
+    the local shards and fetches the first sample of the first shard (a wrong data.shard_url fails here, not after
+    an epoch of unreadable shards): every row was checked and timed when the corpus was written, and its length is
+    in the index, so nothing else is opened (what makes a 5 M-row corpus start in seconds)."""
     try:
         index = ShardIndex.open(spec, data.shard_url)
     except ShardError as err:
@@ -154,6 +156,12 @@ def check_shards(key: str, spec: str, data: DataSettings) -> tuple[ShardIndex | 
         named = "; ".join(missing[:EXAMPLES]) + ("; ..." if len(missing) > EXAMPLES else "")
         problems.append(f"{key}={spec}: {len(missing)} of {len(index.names)} shards are missing or not the size the "
                         f"index says: {named} (copy them again, or set data.shard_url to where they are)")
+    elif len(index.names) and (unreadable := probe_shard(index, 0)):
+        problems.append(f"{key}={spec}: {unreadable} (check data.shard_url, and that this machine can read it)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if len(index.names) < world:
+        problems.append(f"{key}={spec} has {len(index.names)} shards for {world} processes: each process reads its "
+                        "own shards; write the corpus with smaller shards (voxtral-prep shards --shard-mb)")
     if data.stream_seconds is not None:
         problems.append(f"data.stream_seconds={data.stream_seconds:g}: streams are packed from a JSONL manifest; a "
                         "shard corpus trains one row per item (unset data.stream_seconds, or train on the manifest)")
@@ -188,14 +196,20 @@ class _Checked:
     n_cut: int = 0
     longest: tuple[float, str] | None = None  # of the training items (rows, or their segments)
 
-    def merge(self, later: "_Checked") -> "_Checked":
-        for mine, theirs in zip(self.problems, later.problems):
-            mine.count += theirs.count
-            mine.examples = (mine.examples + theirs.examples)[:EXAMPLES]
-        longest = self.longest if later.longest is None or (
-            self.longest is not None and self.longest[0] >= later.longest[0]) else later.longest
-        return _Checked(np.concatenate([self.seconds, later.seconds]), self.problems, self.n_good + later.n_good,
-                        self.n_items + later.n_items, self.n_cut + later.n_cut, longest)
+    @classmethod
+    def merged(cls, parts: list["_Checked"]) -> "_Checked":
+        """The check of all the parts' rows, in order: counts added, the first examples kept, the first longest."""
+        first = parts[0]
+        for later in parts[1:]:
+            for mine, theirs in zip(first.problems, later.problems):
+                mine.count += theirs.count
+                mine.examples = (mine.examples + theirs.examples)[:EXAMPLES]
+        longest = None
+        for part in parts:
+            if part.longest is not None and (longest is None or part.longest[0] > longest[0]):
+                longest = part.longest
+        return cls(np.concatenate([part.seconds for part in parts]), first.problems,
+                   sum(p.n_good for p in parts), sum(p.n_items for p in parts), sum(p.n_cut for p in parts), longest)
 
 
 def _check_rows(index: ManifestIndex, first: int, stop: int, max_seconds: float) -> _Checked:
@@ -253,14 +267,14 @@ def _check_all(index: ManifestIndex, max_seconds: float) -> _Checked:
     """Every row of `index`; when there are many, in chunks on this process's share of the cores. The checking
     processes are forked with the index (its mapping and arrays inherited, never pickled); a chunk sends back its
     result only: NaN-or-seconds per row, counts, a few examples."""
-    processes = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    processes = cores_per_process()
     if len(index) < PARALLEL_ROWS or processes == 1:
         return _check_rows(index, 0, len(index), max_seconds)
     bounds = np.linspace(0, len(index), 4 * processes + 1).astype(int).tolist()  # a few chunks per process
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"), initializer=_inherit,
                              initargs=(index,)) as pool:
-        parts = pool.map(_check_chunk, bounds[:-1], bounds[1:], [max_seconds] * (len(bounds) - 1))
-        return functools.reduce(_Checked.merge, parts)
+        return _Checked.merged(list(pool.map(_check_chunk, bounds[:-1], bounds[1:],
+                                             [max_seconds] * (len(bounds) - 1))))
 
 
 def _items(utt: Utterance, max_seconds: float, uncuttable: _Problems) -> tuple[list[Utterance], bool]:

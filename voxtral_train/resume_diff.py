@@ -24,7 +24,8 @@ from voxtral_train.schedule import lr_factor
 SCHEDULE_KEYS = ("optim.lr", "train.max_steps", "train.warmup_steps", "train.schedule", "train.min_lr_ratio")
 # optim.weight_decay too: the saved parameter groups (flattened under ZeRO) no longer say which one is decayed.
 INEXACT_PREFIXES = ("model.path", "model.dtype", "peft.", "train.seed", "train.gradient_accumulation_steps",
-                    "data.max_positions_per_batch", "data.train_manifest", "world_size", "optim.weight_decay")
+                    "data.max_positions_per_batch", "data.train_manifest", "data.shards_per_window", "world_size",
+                    "optim.weight_decay")
 # Keys that name the resume itself (they differ on every resume and change nothing).
 IGNORED = ("train.resume", "train.allow_inexact_resume")
 

@@ -149,6 +149,7 @@ class ShardStream(IterableDataset):
         if epoch != self.epoch:
             self._skip = 0
         self.epoch = epoch
+        self.plan(epoch)  # here, in the main process: the epoch's workers are forked with it, none plans again
 
     def skip_batches(self, n: int) -> None:
         self._skip = n
@@ -208,5 +209,9 @@ class ShardStream(IterableDataset):
             return {"id": utt.id, "skipped": err.message}
         if utt.words is None:
             return {"id": utt.id, "skipped": f"{where}: no word timings (voxtral-prep shards writes timed rows only)"}
+        if len(audio) != self.index.samples[row]:  # another write of the corpus behind data.shard_url, say
+            return {"id": utt.id, "skipped": f"{where}: {len(audio)} samples, its index says "
+                                             f"{int(self.index.samples[row])}: the shards and shards.json are not "
+                                             "from the same voxtral-prep shards run"}
         return make_item([(utt, audio)], self.delay_sampler.draw(self.seed, self.epoch, row), self.tokenizer,
                          self.anchor, self.offset_frames, self.trim_after_eos)

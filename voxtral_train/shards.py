@@ -21,6 +21,7 @@ the index itself is read from local disk.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -109,6 +110,19 @@ def _encoded(utt: Utterance) -> tuple[int, bytes] | dict[str, str]:
     return len(audio), flac_bytes(audio)
 
 
+WRITE_BATCH = 1024  # rows handed to the encoding processes at a time: memory stays bounded on millions of rows
+
+
+def _encode_in_order(rows: Sequence[Utterance], order: Sequence[int],
+                     pool: ProcessPoolExecutor | None) -> Iterator[tuple[int, tuple[int, bytes] | dict[str, str]]]:
+    """(row, `_encoded(rows[row])`) in `order`, WRITE_BATCH rows in flight at most (`Executor.map` alone would
+    make every row and queue every result before the first is written)."""
+    for first in range(0, len(order), WRITE_BATCH):
+        batch = order[first: first + WRITE_BATCH]
+        utterances = [rows[i] for i in batch]
+        yield from zip(batch, pool.map(_encoded, utterances, chunksize=16) if pool else map(_encoded, utterances))
+
+
 def write_shards(rows: Sequence[Utterance], out: Path, shard_bytes: int = DEFAULT_SHARD_BYTES,
                  seed: int | None = 0, workers: int = 1) -> ShardsWritten:
     """Write `rows` (training items: timed, at most the trainer's max_seconds) as shards in `out`, which must not
@@ -135,9 +149,7 @@ def write_shards(rows: Sequence[Utterance], out: Path, shard_bytes: int = DEFAUL
 
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) if workers > 1 else None
     try:
-        utterances = (rows[i] for i in order)
-        encoded = pool.map(_encoded, utterances, chunksize=16) if pool else map(_encoded, utterances)
-        for i, result in zip(order, encoded):
+        for i, result in _encode_in_order(rows, order, pool):
             if isinstance(result, dict):
                 rejects.append(result)
                 continue
@@ -215,7 +227,7 @@ class ShardIndex:
     def __len__(self) -> int:
         return len(self.samples)
 
-    @property
+    @functools.cached_property
     def first_rows(self) -> np.ndarray:
         """[shards] the key of each shard's first row."""
         return np.cumsum(self.rows) - self.rows
@@ -226,7 +238,8 @@ class ShardIndex:
 
     def url(self, shard: int) -> str:
         name = self.names[shard]
-        return str(self.folder / name) if self.url_template is None else self.url_template.format(name=name)
+        # replace, not str.format: a command's own braces (${BUCKET}, a JSON header) stay as they are
+        return str(self.folder / name) if self.url_template is None else self.url_template.replace("{name}", name)
 
     def missing_shards(self) -> list[str]:
         """Local shards that are absent or not the size the index says (nothing to check behind a URL template)."""
@@ -239,6 +252,15 @@ class ShardIndex:
             if actual != size:
                 bad.append(f"{name} ({'missing' if actual is None else f'{actual} bytes, the index says {size}'})")
         return bad
+
+
+def probe_shard(index: ShardIndex, shard: int = 0) -> str | None:
+    """Why `shard` cannot be read from its URL (its first sample is fetched and checked), or None."""
+    try:
+        next(read_shard(index, shard), None)
+    except ShardError as err:
+        return str(err)
+    return None
 
 
 def read_shard(index: ShardIndex, shard: int) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -259,7 +281,7 @@ def read_shard(index: ShardIndex, shard: int) -> Iterator[tuple[int, dict[str, A
     except ShardError:
         raise
     except (OSError, EOFError, tarfile.TarError, ValueError) as err:  # gopen, a pipe's exit status, a cut tar
-        raise ShardError(f"shard {url} could not be read ({type(err).__name__}: "
-                         f"{err.args[0] if err.args else err})") from None
+        reason = err.args[0] if err.args and isinstance(err.args[0], str) else err  # an errno alone says little
+        raise ShardError(f"shard {url} could not be read ({type(err).__name__}: {reason})") from None
     if expected != first + int(index.rows[shard]):
         raise ShardError(f"shard {url}: {expected - first} samples, the index says {int(index.rows[shard])}")

@@ -131,7 +131,9 @@ def _train(settings: Settings, checked: CheckedRun, accelerator: Accelerator, ru
     # 3. Data: bucketed micro-batches sharded by rank (the DataLoader stays on CPU), a fixed held-out list --------
     for note in checked.notes:
         say(note)
-    feed = build_data(settings, checked, tokenizer, model, accelerator)
+    # A shard stream's order depends on its DataLoader workers: a resume keeps the count the run started with.
+    feed = build_data(settings, checked, tokenizer, model, accelerator,
+                      None if resume_from is None else TrainerState.read(resume_from).shard_workers)
     say(feed.describe())
 
     # 4. Optimizer, schedule, distribution (accelerate wraps DDP or the DeepSpeed engine) -------------------------
@@ -147,7 +149,8 @@ def _train(settings: Settings, checked: CheckedRun, accelerator: Accelerator, ru
     state = TrainerState(step=0, epoch=0, batches_in_epoch=0, seed=t.seed, model=settings.model.path,
                          peft_mode=settings.peft.mode, world_size=accelerator.num_processes,
                          gradient_accumulation_steps=t.gradient_accumulation_steps,
-                         max_positions_per_batch=data.max_positions_per_batch, train_manifest=data.train_manifest)
+                         max_positions_per_batch=data.max_positions_per_batch, train_manifest=data.train_manifest,
+                         shard_workers=feed.sampler.num_workers if isinstance(feed.sampler, ShardStream) else None)
     if resume_from is not None:
         restore(resume_from, accelerator, state, optimizer, scheduler, settings, saved_config)
     logger = MetricsLogger(run_dir, settings.logging, settings_to_dict(settings), t.name, is_main,
@@ -255,10 +258,11 @@ class TrainData:
 
 
 def build_data(settings: Settings, checked: CheckedRun, tokenizer: StreamingTokenizer, model: torch.nn.Module,
-               accelerator: Accelerator) -> TrainData:
+               accelerator: Accelerator, shard_workers: int | None = None) -> TrainData:
     """Datasets over the pre-flight-checked rows, bucketed micro-batches sharded by rank, the embedding cache.
     A manifest is read by index (length buckets over the whole epoch); a shard corpus is streamed (`ShardStream`:
-    buckets within windows of shards)."""
+    buckets within windows of shards) by `shard_workers` DataLoader workers when a resumed run says so (its plan
+    depends on them), else by data.num_workers."""
     t, data = settings.train, settings.data
     delays = DelaySampler.choices(data.delays_ms, data.delay_weights)
     held_out = None if checked.eval is None else StreamingDataset(
@@ -269,12 +273,18 @@ def build_data(settings: Settings, checked: CheckedRun, tokenizer: StreamingToke
     # Pinned batches let model_inputs copy to the GPU without blocking.
     pin = torch.cuda.is_available()
     if isinstance(checked.train, ShardIndex):
+        if shard_workers is not None and shard_workers != workers:
+            accelerator.print(f"data: {shard_workers} DataLoader workers per process, as when this run started (the "
+                              f"shard stream's order depends on them), not {workers}")
+            workers = shard_workers
         train_set = sampler = ShardStream(
             checked.train, tokenizer, delays, max_positions=data.max_positions_per_batch, seed=t.seed,
             num_replicas=accelerator.num_processes, rank=accelerator.process_index, num_workers=workers,
             shards_per_window=data.shards_per_window, anchor=data.anchor)
-        # Workers start each epoch (not persistent): they take the epoch and the resume position with them.
-        loader = DataLoader(train_set, batch_size=None, collate_fn=as_is, num_workers=workers, pin_memory=pin)
+        # Workers start each epoch (not persistent): they take the epoch and the resume position with them. Its own
+        # generator, as below: a new iterator must not draw from the global RNG (dropout) on a resume.
+        loader = DataLoader(train_set, batch_size=None, collate_fn=as_is, num_workers=workers, pin_memory=pin,
+                            generator=torch.Generator().manual_seed(t.seed))
     else:
         train_set = StreamingDataset(checked.train, tokenizer, delays, anchor=data.anchor,
                                      max_seconds=data.max_seconds, seed=t.seed, pcm16=data.pcm16,
