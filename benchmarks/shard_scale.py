@@ -15,8 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
 import tempfile
 import time
@@ -37,7 +35,7 @@ from voxtral_train.delays import DelaySampler  # noqa: E402
 from voxtral_train.manifest import read_manifest  # noqa: E402
 from voxtral_train.preflight import check_shards  # noqa: E402
 from voxtral_train.shard_stream import ShardStream, as_is, plan_epoch  # noqa: E402
-from voxtral_train.shards import FORMAT, INDEX_NAME, SAMPLES_NAME, VERSION, ShardIndex, write_shards  # noqa: E402
+from voxtral_train.shards import ShardIndex, write_index, write_shards  # noqa: E402
 from voxtral_train.tokenizer import StreamingTokenizer  # noqa: E402
 
 DELAYS = DelaySampler.choices([240, 480, 960, 1600, 2400])
@@ -49,13 +47,8 @@ def generated_index(folder: Path, rows: int, shards: int) -> None:
     samples = np.random.default_rng(0).integers(2 * protocol.SAMPLE_RATE, 20 * protocol.SAMPLE_RATE, rows,
                                                 dtype=np.int64)
     per_shard = np.diff(np.linspace(0, rows, shards + 1).astype(np.int64))
-    raw = samples.astype("<i8").tobytes()
-    (folder / SAMPLES_NAME).write_bytes(raw)
-    index = {"format": FORMAT, "version": VERSION, "sample_rate": protocol.SAMPLE_RATE, "pcm16": True, "rows": rows,
-             "seed": 0, "samples": SAMPLES_NAME, "samples_sha256": hashlib.sha256(raw).hexdigest(),
-             "shards": [{"name": f"shard-{k:06d}.tar", "rows": int(n), "bytes": 128 << 20}
-                        for k, n in enumerate(per_shard)]}
-    (folder / INDEX_NAME).write_text(json.dumps(index))
+    write_index(folder, [{"name": f"shard-{k:06d}.tar", "rows": int(n), "bytes": 128 << 20}
+                         for k, n in enumerate(per_shard)], samples, seed=0)
 
 
 def timed(fn):

@@ -170,16 +170,21 @@ def write_shards(rows: Sequence[Utterance], out: Path, shard_bytes: int = DEFAUL
             pool.shutdown(cancel_futures=True)
     if writer is not None:
         close()
-    counts = np.asarray(samples, dtype="<i8")
-    (out / SAMPLES_NAME).write_bytes(counts.tobytes())
+    counts = np.asarray(samples, dtype=np.int64)
+    index = write_index(out, shards, counts, seed)
+    return ShardsWritten(index, len(samples), len(shards), float(counts.sum()) / protocol.SAMPLE_RATE, rejects)
+
+
+def write_index(out: Path, shards: list[dict[str, Any]], samples: np.ndarray, seed: int | None) -> Path:
+    """`samples.i64` (every row's samples) and, last, `shards.json` (`shards`: name, rows, bytes of each) in `out`."""
+    raw = np.asarray(samples, dtype="<i8").tobytes()
+    (out / SAMPLES_NAME).write_bytes(raw)
     index = {"format": FORMAT, "version": VERSION, "sample_rate": protocol.SAMPLE_RATE, "pcm16": True,
              "rows": len(samples), "seed": seed, "samples": SAMPLES_NAME,
-             "samples_sha256": hashlib.sha256(counts.tobytes()).hexdigest(), "shards": shards}
+             "samples_sha256": hashlib.sha256(raw).hexdigest(), "shards": shards}
     tmp = out / (INDEX_NAME + ".tmp")
     tmp.write_text(json.dumps(index, indent=1) + "\n")
-    tmp.replace(out / INDEX_NAME)
-    return ShardsWritten(out / INDEX_NAME, len(samples), len(shards), float(counts.sum()) / protocol.SAMPLE_RATE,
-                         rejects)
+    return tmp.replace(out / INDEX_NAME)
 
 
 # --------------------------------------------------------------------------------------------------------------
